@@ -1,0 +1,18 @@
+"""Test-wide setup.
+
+Triton reads TRITON_INTERPRET when `@triton.jit` decorates a kernel, so it is set here,
+before any test module imports `kernels`: the Triton paths then run on CPU tensors.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
