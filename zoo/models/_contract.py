@@ -16,9 +16,7 @@ __all__ = ["check_image_input", "load_pretrained_file_safely", "strict_key_check
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Raise a ValueError naming the expected and received shape unless x is (B, in_chans, H, W), H, W >= min_size."""
     if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(
-            f"expected input of shape (B, {in_chans}, H, W) with H, W >= {min_size}, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"expected input of shape (B, {in_chans}, H, W) with H, W >= {min_size}, got {tuple(x.shape)}")
 
 
 def load_pretrained_file_safely(pretrained: bool, kwargs: dict, state_dict_keys: tuple[str, ...]) -> dict:

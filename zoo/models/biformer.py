@@ -98,8 +98,14 @@ class BiFormerStage(nn.Module):
         self.blocks = nn.Sequential(
             *[
                 BiFormerBlock(
-                    dim, num_heads, topk, n_win=n_win, mlp_ratio=mlp_ratio, side_dwconv=side_dwconv,
-                    drop_path=drop_path[i] if drop_path else 0.0, **dd,
+                    dim,
+                    num_heads,
+                    topk,
+                    n_win=n_win,
+                    mlp_ratio=mlp_ratio,
+                    side_dwconv=side_dwconv,
+                    drop_path=drop_path[i] if drop_path else 0.0,
+                    **dd,
                 )
                 for i in range(depth)
             ]
@@ -169,8 +175,17 @@ class BiFormer(nn.Module):
         for i, (depth, dim, topk) in enumerate(zip(depths, embed_dims, topks, strict=True)):
             stages.append(
                 BiFormerStage(
-                    in_dim, dim, depth, num_heads=dim // head_dim, topk=topk, downsample=i > 0, n_win=n_win,
-                    mlp_ratio=mlp_ratio, side_dwconv=side_dwconv, drop_path=dpr[i], **dd,
+                    in_dim,
+                    dim,
+                    depth,
+                    num_heads=dim // head_dim,
+                    topk=topk,
+                    downsample=i > 0,
+                    n_win=n_win,
+                    mlp_ratio=mlp_ratio,
+                    side_dwconv=side_dwconv,
+                    drop_path=dpr[i],
+                    **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
@@ -200,7 +215,11 @@ class BiFormer(nn.Module):
             stem=r"^stem",
             blocks=r"^stages\.(\d+)"
             if coarse
-            else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -356,17 +375,19 @@ def _cfg(url: str = "", **kwargs) -> dict:
     }
 
 
+_ONEDRIVE = "https://api.onedrive.com/v1.0/shares/{}/root/content"
+
 # The authors' release links (README of rayleizhu/BiFormer); ImageNet-1k top-1 from the paper.
 default_cfgs = generate_default_cfgs(
     {
         "zoo_biformer_t.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content", notes=("ImageNet-1k top-1 81.4 (paper)",)
+            url=_ONEDRIVE.format("s!AkBbczdRlZvChHEOoGkgwgQzEDlM"), notes=("ImageNet-1k top-1 81.4 (paper)",)
         ),
         "zoo_biformer_s.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content", notes=("ImageNet-1k top-1 83.8 (paper)",)
+            url=_ONEDRIVE.format("s!AkBbczdRlZvChHDyM-x9KWRBZ832"), notes=("ImageNet-1k top-1 83.8 (paper)",)
         ),
         "zoo_biformer_b.in1k": _cfg(
-            url="https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHI_XPhoadjaNxtO/root/content", notes=("ImageNet-1k top-1 84.3 (paper)",)
+            url=_ONEDRIVE.format("s!AkBbczdRlZvChHI_XPhoadjaNxtO"), notes=("ImageNet-1k top-1 84.3 (paper)",)
         ),
     }
 )
