@@ -11,6 +11,7 @@ wherever the authors put them. safetensors files are read with safetensors.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -52,8 +53,13 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         return load_file(path, device=str(map_location))
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     stand_ins = [(_stand_in(name), name) for name in unsafe]
-    with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch blocks some modules (os, subprocess, ...) even when allow-listed: such a file is refused whole.
+        reason = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err).splitlines()[0])
+        raise pickle.UnpicklingError(f"refusing to load {path}: {reason.strip()}") from None
 
 
 def _is_state_dict(obj: object) -> bool:

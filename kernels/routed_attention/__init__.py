@@ -34,8 +34,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_inde
         raise ValueError(f"region_index must be int32 or int64, got {region_index.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    # A bounds check needs a device sync on CUDA; the kernel masks nothing, so check where it is free.
-    if not region_index.is_cuda and region_index.numel():
+    # A bounds check needs a device sync on CUDA (and values on meta); the kernel masks nothing: check on CPU.
+    if region_index.device.type == "cpu" and region_index.numel():
         lo, hi = int(region_index.min()), int(region_index.max())
         if lo < 0 or hi >= k.shape[2]:
             raise ValueError(f"region_index values must lie in [0, {k.shape[2]}), got range [{lo}, {hi}]")

@@ -1,0 +1,103 @@
+"""Measuring helpers shared by the benchmark scripts: CPU throughput and peak memory of a callable,
+each measurement in a fresh process, and writing a named section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+__all__ = ["machine_description", "measure_in_subprocess", "time_callable", "write_section"]
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_callable(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min_time: float = 1.0) -> float:
+    """Median seconds per call of fn, after warm-up; runs at least `iters` times and `min_time` seconds."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _child(setup: Callable[[], Callable[[], object]], threads: int, warmup: int, iters: int, queue) -> None:
+    torch.set_num_threads(threads)
+    fn = setup()
+    base = _rss_mb()
+    fn()  # first call: the peak of one call over the resident set after setup
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    seconds = time_callable(fn, warmup=warmup, iters=iters)
+    queue.put((seconds, max(peak, 0.0)))
+
+
+def measure_in_subprocess(
+    setup: Callable[[], Callable[[], object]], threads: int = 2, warmup: int = 2, iters: int = 5
+) -> tuple[float, float]:
+    """Run `setup()` in a fresh process, then time the callable it returns.
+
+    `setup` must be picklable (a module-level function or a functools.partial of one).
+
+    Returns:
+        (median seconds per call, peak resident memory of one call above the post-setup level, in MiB).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(setup, threads, warmup, iters, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def write_section(name: str, markdown: str, title: str | None = None) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md, stamped with date, commit and machine."""
+    stamp = (
+        f"_Measured {datetime.date.today().isoformat()} at commit `{git_commit()}` on {machine_description()}; "
+        f"command: `python benchmarks/{name}.py`._"
+    )
+    body = f"<!-- begin {name} -->\n## {title or name}\n\n{stamp}\n\n{markdown.strip()}\n<!-- end {name} -->"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nWhat is true now.\n"
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
+    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(BENCHMARKS_MD)
