@@ -141,14 +141,20 @@ def test_safetensors_export_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
-def test_both_kernel_backends_give_same_logits_and_grads(monkeypatch):
-    model = timm.create_model("zoo_biformer_t").eval()
-    x = torch.randn(1, 3, 64, 96)
+def test_both_kernel_backends_give_same_logits_and_grads(monkeypatch, caplog):
+    # A narrow BiFormer with 2x2 regions: the Triton interpreter runs one program per (image, head, region).
+    model = timm.create_model(
+        "zoo_biformer_t", depths=(1, 1, 2, 1), embed_dims=(32, 64, 96, 128), n_win=2, topks=(1, 2, 3, -2)
+    ).eval()
+    x = torch.randn(2, 3, 64, 96)
     results = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("ZOO_KERNELS", backend)
         model.zero_grad()
-        out = model(x)
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="kernels"):
+            out = model(x)
+        assert f"routed_attention: {backend} path" in caplog.text
         out.square().mean().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
