@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from .._backend import select_backend
-from .reference import default_kv_chunk, routed_attention_gather, routed_attention_reference
+from .reference import default_region_chunk, routed_attention_gather, routed_attention_reference
 
-__all__ = ["routed_attention", "routed_attention_reference", "routed_attention_gather", "default_kv_chunk"]
+__all__ = ["routed_attention", "routed_attention_reference", "routed_attention_gather", "default_region_chunk"]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor) -> None:

@@ -5,23 +5,29 @@ after routing: every query region attends to the tokens of the `topk` key/value 
 its row of `region_index` names, with one softmax over all of them.
 
 The straightforward implementation (the official one) gathers the routed key/value regions of
-every query region into one tensor, `topk` copies of K and V. This reference instead walks the
-index list in chunks and merges the partial results with an online softmax, so at most one
-chunk of gathered keys/values lives at a time; with one chunk it reduces to a single fused
-`scaled_dot_product_attention` call.
+every query region into one tensor: `topk` copies of K and V, plus the attention matrix over all of
+them. This reference computes the same thing in slabs of query regions, so that the gathered
+keys/values and the logits of one slab at a time are alive, no more than one copy of K by default.
+The arithmetic per slab is the plain one (matmul, softmax, matmul), so it costs the same time.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["routed_attention_reference", "routed_attention_gather", "default_kv_chunk"]
+__all__ = ["routed_attention_reference", "routed_attention_gather", "default_region_chunk"]
 
 
-def default_kv_chunk(num_q_regions: int, num_kv_regions: int, topk: int) -> int:
-    """Index entries per chunk so that one gathered chunk is no larger than K itself."""
-    return max(1, min(topk, num_kv_regions // max(num_q_regions, 1)))
+# Below this many gathered key elements per slab (16 MiB in fp32) slabbing saves little and costs launches.
+MIN_SLAB_ELEMENTS = 2**22
+
+
+def default_region_chunk(k: torch.Tensor, num_q_regions: int, topk: int) -> int:
+    """Query regions per slab: one slab's gathered keys are no larger than K itself (or 16 MiB in fp32)."""
+    b, h, _, lk, d = k.shape
+    per_region = max(1, b * h * topk * lk * d)
+    budget = max(k.numel(), MIN_SLAB_ELEMENTS)
+    return max(1, min(num_q_regions, budget // per_region))
 
 
 def _gather_regions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -32,13 +38,19 @@ def _gather_regions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, flat).reshape(b, h, r, c * length, dim)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    ks, vs = _gather_regions(k, index), _gather_regions(v, index)
+    attn = torch.matmul(q * scale, ks.transpose(-1, -2)).softmax(dim=-1)
+    return torch.matmul(attn, vs)
+
+
 def routed_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     region_index: torch.Tensor,
     scale: float,
-    kv_chunk: int | None = None,
+    region_chunk: int | None = None,
 ) -> torch.Tensor:
     """Attention of each query region to the key/value regions it is routed to.
 
@@ -49,8 +61,10 @@ def routed_attention_reference(
         region_index: (B, R, topk) integer indices into the Rk key regions, shared by all heads.
             Repeated entries count twice, as in the official gather. `topk` may be 0.
         scale: factor applied to the logits q·k.
-        kv_chunk: index entries processed at once; `None` picks the largest chunk whose gathered
-            keys are no larger than `k` (see `default_kv_chunk`). `topk` gathers everything at once.
+        region_chunk: query regions per slab in inference; `None` picks the largest slab whose gathered
+            keys are no larger than `k` (see `default_region_chunk`); `R` or more computes all at once.
+            Under autograd everything is computed at once: the saved activations dominate memory there,
+            and per-slab gather backward would allocate a full-size gradient of K and V per slab.
 
     Returns:
         (B, H, R, Lq, Dv); all-zero rows for an empty index list.
@@ -59,34 +73,20 @@ def routed_attention_reference(
     topk = region_index.shape[-1]
     if topk == 0:
         return q.new_zeros(b, h, r, lq, v.shape[-1])
-    chunk = kv_chunk or default_kv_chunk(r, k.shape[2], topk)
-    if chunk >= topk:
-        ks, vs = _gather_regions(k, region_index), _gather_regions(v, region_index)
-        return F.scaled_dot_product_attention(q, ks, vs, scale=scale)
-
-    out = lse = None
-    for start in range(0, topk, chunk):
-        index = region_index[:, :, start : start + chunk]
-        ks, vs = _gather_regions(k, index), _gather_regions(v, index)
-        logits = torch.matmul(q, ks.transpose(-1, -2)) * scale
-        chunk_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        chunk_out = torch.matmul(torch.exp(logits - chunk_lse), vs)
-        if out is None:
-            out, lse = chunk_out, chunk_lse
-            continue
-        new_lse = torch.logaddexp(lse, chunk_lse)
-        out = out * torch.exp(lse - new_lse) + chunk_out * torch.exp(chunk_lse - new_lse)
-        lse = new_lse
+    chunk = region_chunk or default_region_chunk(k, r, topk)
+    if chunk >= r or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return _attend(q, k, v, region_index, scale)
+    out = q.new_empty(b, h, r, lq, v.shape[-1])  # inference: write slabs in place, no concatenation copy
+    for s in range(0, r, chunk):
+        out[:, :, s : s + chunk] = _attend(q[:, :, s : s + chunk], k, v, region_index[:, s : s + chunk], scale)
     return out
 
 
 def routed_attention_gather(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """The straightforward form, as in the official BiFormer code: gather `topk` copies of K/V,
-    materialize the logits, softmax, multiply. Kept as the baseline for benchmarks and tests."""
+    """The straightforward form, as in the official BiFormer code: gather `topk` copies of K/V for every
+    query region at once, materialize the logits, softmax, multiply. The baseline of benchmarks and tests."""
     if region_index.shape[-1] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
-    ks, vs = _gather_regions(k, region_index), _gather_regions(v, region_index)
-    attn = torch.matmul(q * scale, ks.transpose(-1, -2)).softmax(dim=-1)
-    return torch.matmul(attn, vs)
+    return _attend(q, k, v, region_index, scale)

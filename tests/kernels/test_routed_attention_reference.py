@@ -19,20 +19,20 @@ def _inputs(b=2, h=2, r=6, rk=5, lq=3, lk=4, d=8, dv=6, topk=3, dtype=torch.floa
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5])
-def test_chunked_reference_equals_gather(chunk):
+def test_slabbed_reference_equals_gather(chunk):
     q, k, v, index = _inputs(topk=5)
     index[0, 0] = torch.tensor([1, 1, 1, 0, 4])  # repeated regions count every time they appear
     expected = routed_attention_gather(q, k, v, index, 0.4)
-    torch.testing.assert_close(routed_attention_reference(q, k, v, index, 0.4, kv_chunk=chunk), expected)
+    torch.testing.assert_close(routed_attention_reference(q, k, v, index, 0.4, region_chunk=chunk), expected)
 
 
 def test_gradcheck_float64():
     q, k, v, index = _inputs(b=1, r=3, rk=4, lq=2, lk=3, d=4, dv=3, topk=3, grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: routed_attention_reference(q, k, v, index, 0.5, kv_chunk=2), (q, k, v)
+        lambda q, k, v: routed_attention_reference(q, k, v, index, 0.5, region_chunk=2), (q, k, v)
     )
     assert torch.autograd.gradcheck(
-        lambda q, k, v: routed_attention_reference(q, k, v, index, 0.5, kv_chunk=3), (q, k, v)
+        lambda q, k, v: routed_attention_reference(q, k, v, index, 0.5, region_chunk=3), (q, k, v)
     )
 
 
