@@ -11,6 +11,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: the workers already fill the cores.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
