@@ -1,0 +1,9 @@
+"""Lightning recipes: the classification task, its data, and the launcher behind `train/cls.py`.
+
+Importing this package imports `zoo`, which registers every `zoo_*` model with timm.
+"""
+
+from .classification import ImageClassifier, export_safetensors
+from .data import DigitsDataset, ImageClassificationData
+
+__all__ = ["DigitsDataset", "ImageClassificationData", "ImageClassifier", "export_safetensors"]

@@ -1,0 +1,318 @@
+"""Image classification as a LightningModule: any timm model (every `zoo_*` one included), trained with
+timm's mixup/cutmix, optimizer and scheduler factories and model EMA, measured with torchmetrics.
+
+    from zoo.training import ImageClassifier, ImageClassificationData
+    data = ImageClassificationData(image_size=64)  # scikit-learn's digits
+    task = ImageClassifier("zoo_biformer_t", num_classes=data.num_classes, lr=1e-3)
+    lightning.Trainer(max_epochs=10).fit(task, data)
+
+The best weights leave as a safetensors file that `timm.create_model` loads (see `export_safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from lightning.pytorch import LightningModule
+from safetensors.torch import save_file
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..checkpoint import load_checkpoint_file
+
+__all__ = ["ImageClassifier", "export_safetensors"]
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassifier(LightningModule):
+    """Single-label image classification with a `timm.create_model` backbone.
+
+    Logs `train/loss`, `train/lr`, `val/loss`, `val/acc1`, `val/acc5`. A non-finite training loss raises
+    `FloatingPointError` naming the step. When the run is seeded (`seed_everything`), every epoch reseeds
+    the global random generators from (seed, epoch, rank), so an epoch's shuffling, augmentation, mixup and
+    drop-path draws do not depend on what ran before it, and a run resumed from an epoch-end checkpoint
+    repeats the uninterrupted run.
+
+    Args:
+        model_name: any name `timm.create_model` knows (`zoo_biformer_t`, `resnet50`, ...).
+        num_classes: classifier outputs; the CLI links it to the data's class count.
+        pretrained: start from the weights of `pretrained_file` (or the model's default release).
+        pretrained_file: a weight file for `pretrained_cfg_overlay=dict(file=...)`.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth rate.
+        model_kwargs: further keyword arguments for `timm.create_model`.
+        opt: timm optimizer name ('adamw', 'sgd', 'lamb', ...).
+        lr: peak learning rate (not scaled by batch size: give the one for your global batch).
+        weight_decay: decoupled weight decay; norms, biases and `no_weight_decay()` get none.
+        momentum: SGD-family momentum.
+        opt_eps: optimizer epsilon; None for the optimizer's default.
+        opt_betas: Adam-family betas; None for the optimizer's default.
+        layer_decay: layer-wise learning-rate decay; None for none.
+        sched: timm scheduler name ('cosine', 'step', 'multistep', 'plateau', 'poly', 'tanh', 'wsd').
+        warmup_epochs: linear warm-up length in epochs (fractions allowed when the schedule steps on updates).
+        warmup_lr: learning rate at the first update.
+        min_lr: floor of the decay.
+        cooldown_epochs: epochs at `min_lr` after the decay; the decay ends `cooldown_epochs` before max_epochs.
+        step_on_epochs: set the learning rate once per epoch (as DeiT and timm's train.py do) instead of
+            after every optimizer update.
+        mixup: mixup alpha; 0 for none.
+        cutmix: cutmix alpha; 0 for none.
+        mixup_prob: probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        mixup_mode: 'batch', 'pair' or 'elem'.
+        label_smoothing: label smoothing of the training targets.
+        ema_decay: decay of timm's ModelEmaV3 copy of the weights, updated every step; None for no EMA.
+        ema_warmup: ramp the EMA decay up from 0 (useful for short runs).
+        ema_validate: validate, checkpoint-select and export the EMA weights instead of the trained ones.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "zoo_biformer_t",
+        num_classes: int = 1000,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+        opt: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        opt_eps: float | None = None,
+        opt_betas: tuple[float, float] | None = None,
+        layer_decay: float | None = None,
+        sched: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        cooldown_epochs: int = 0,
+        step_on_epochs: bool = False,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        ema_validate: bool = False,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+        if ema_validate and ema_decay is None:
+            raise ValueError("model.ema_validate needs model.ema_decay")
+        self.save_hyperparameters()
+        if not timm.is_model(model_name.split(".")[0]):
+            raise ValueError(f"model.model_name: timm has no model {model_name!r} (after `import zoo`)")
+        kwargs = dict(model_kwargs or {})
+        if pretrained_file is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=pretrained_file)
+        self.model = timm.create_model(
+            model_name,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+        self.ema: ModelEmaV3 | None = None
+        if ema_decay is not None:
+            self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup)
+            self.ema.requires_grad_(False)  # DDP must not wait for gradients of the copy
+        self.mixup: Mixup | None = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode=mixup_mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            self.train_loss = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.val_loss = nn.CrossEntropyLoss()
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self._seed: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> logits (B, num_classes)."""
+        return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        self._seed = int(seed) if seed is not None else None
+
+    def on_train_epoch_start(self) -> None:
+        if self._seed is None:
+            return
+        # Runs before the epoch's loader iterator exists, so its shuffle and worker seeds follow too.
+        seed = int(np.random.SeedSequence([self._seed, self.current_epoch, self.global_rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError(f"mixup needs an even batch per process, got {x.shape[0]}: change data.batch_size")
+            x, y = self.mixup(x, y)
+        loss = self.train_loss(self.model(x), y)
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); lower model.lr or use trainer.gradient_clip_val"
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        model = self.ema.module if self.hparams.ema_validate else self.model
+        logits = model(x)
+        self.val_acc1(logits, y)
+        self.val_acc5(logits, y)
+        batch_size = x.shape[0]
+        self.log("val/loss", self.val_loss(logits, y), sync_dist=True, batch_size=batch_size)
+        self.log("val/acc1", self.val_acc1, prog_bar=True, batch_size=batch_size)
+        self.log("val/acc5", self.val_acc5, batch_size=batch_size)
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        opt_kwargs = {}
+        if h.opt_eps is not None:
+            opt_kwargs["eps"] = h.opt_eps
+        if h.opt_betas is not None:
+            opt_kwargs["betas"] = tuple(h.opt_betas)
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt=h.opt,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            momentum=h.momentum,
+            layer_decay=h.layer_decay,
+            **opt_kwargs,
+        )
+        updates_per_epoch, num_epochs = self._schedule_length()
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=h.sched,
+            num_epochs=num_epochs - h.cooldown_epochs,
+            warmup_epochs=h.warmup_epochs,
+            warmup_lr=h.warmup_lr,
+            min_lr=h.min_lr,
+            cooldown_epochs=h.cooldown_epochs,
+            step_on_epochs=h.step_on_epochs,
+            updates_per_epoch=updates_per_epoch,
+        )
+        interval = "epoch" if h.step_on_epochs else "step"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """(optimizer updates per epoch, epochs) of this fit, from the trainer's loaders and limits."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # also sizes the train loader
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches <= 0:
+            return max(int(total), 1), 1
+        per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.ceil(total / per_epoch)
+        return per_epoch, max(int(epochs), 1)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers take the count of updates (or epochs) done; Lightning steps them after it
+        # counted the update, but before it counts the finished epoch.
+        if self.hparams.step_on_epochs:
+            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+        else:
+            scheduler.step_update(num_updates=self.global_step, metric=metric)
+
+    def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
+        if self.trainer.is_global_zero:
+            self._export_best(log_dir)
+        self.trainer.strategy.barrier("export_best")
+
+    def _export_best(self, log_dir: str | None) -> None:
+        callbacks = self.trainer.checkpoint_callbacks
+        monitored = [c for c in callbacks if getattr(c, "monitor", None) == "val/acc1"]
+        callback = (monitored or callbacks or [None])[0]
+        path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+        if not path or not os.path.isfile(path):
+            return
+        out = os.path.join(log_dir or os.path.dirname(os.path.dirname(path)), "best.safetensors")
+        classes = getattr(self.trainer.datamodule, "classes", None)
+        export_safetensors(path, out, classes=classes)
+        log.info("exported %s weights to %s", path, out)
+        print(f"best model ({os.path.basename(path)}) exported to {out}")
+
+
+def export_safetensors(
+    checkpoint_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    ema: bool | None = None,
+    classes: list[str] | None = None,
+) -> dict[str, str]:
+    """Write the backbone weights of an `ImageClassifier` Lightning checkpoint as safetensors.
+
+    The file holds the timm model's own state dict, so `timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=output_path, num_classes=N), num_classes=N)` loads it, classifier
+    included (timm drops a classifier whose class count differs from the cfg's, hence `num_classes` in
+    the overlay too).
+
+    Args:
+        checkpoint_path: a `.ckpt` written by Lightning for an `ImageClassifier`.
+        output_path: the `.safetensors` file to write.
+        ema: take the EMA weights; None follows the run's `ema_validate`.
+        classes: class names, stored in the file's metadata.
+
+    Returns:
+        The metadata written: model_name, num_classes, weights ('ema' or 'model'), classes (JSON), epoch.
+    """
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if ema is None:
+        ema = bool(hparams.get("ema_validate", False))
+    prefix = "ema.module." if ema else "model."
+    state_dict = {k[len(prefix) :]: v.contiguous() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state_dict:
+        raise KeyError(f"{checkpoint_path} has no weights under {prefix!r} (was the run trained with EMA?)")
+    metadata = {
+        "model_name": str(hparams.get("model_name", "")),
+        "num_classes": str(hparams.get("num_classes", "")),
+        "weights": "ema" if ema else "model",
+        "epoch": str(checkpoint.get("epoch", "")),
+    }
+    if classes is not None:
+        metadata["classes"] = json.dumps(list(classes))
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    tmp = f"{output_path}.tmp"
+    save_file(state_dict, tmp, metadata=metadata)
+    os.replace(tmp, output_path)
+    return metadata

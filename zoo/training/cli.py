@@ -1,0 +1,141 @@
+"""The classification launcher: LightningCLI over `ImageClassifier` and `ImageClassificationData`.
+
+    python train/cls.py --config configs/cls/zoo_biformer_t_digits.yaml
+    python train/cls.py --config configs/cls/models/zoo_biformer_t.yaml --config configs/cls/data/digits.yaml \\
+        --trainer.max_epochs 5 --model.lr 1e-3
+    python train/cls.py --config configs/cls/zoo_biformer_t_in1k.yaml --data.root /data/imagenet
+    python train/cls.py --config ... --ckpt_path last          # resume the newest run in default_root_dir
+
+Later `--config` files and flags override earlier ones; `--print_config` shows the resolved whole. A bad
+key, type, data directory or class folder stops the run before training with one line naming it.
+Metrics go to `<default_root_dir>/lightning_logs/version_N/metrics.csv`, checkpoints (best by val/acc1
+and last) under `.../checkpoints/`, and the best weights to `.../best.safetensors`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from .checkpointing import AtomicCheckpointIO
+from .classification import ImageClassifier
+from .data import ImageClassificationData
+
+__all__ = ["ClassificationCLI", "find_last_checkpoint", "main"]
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """Reports a parse error as a single `error: ...` line (no usage dump), then exits with status 2."""
+
+    def error(self, message: str, *args, **kwargs):  # noqa: D102
+        message = " ".join(str(message).split())
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def find_last_checkpoint(root_dir: str) -> str:
+    """The newest `last.ckpt` under `root_dir/lightning_logs/version_*/checkpoints/`."""
+    found = glob.glob(os.path.join(root_dir, "lightning_logs", "version_*", "checkpoints", "last*.ckpt"))
+    if not found:
+        raise FileNotFoundError(f"ckpt_path last: no last.ckpt under {os.path.join(root_dir, 'lightning_logs')}")
+    return max(found, key=os.path.getmtime)
+
+
+class ClassificationCLI(LightningCLI):
+    """LightningCLI with the checkpointing, CSV logging and resume conventions of this project."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        self._run_fit = run
+        super().__init__(
+            ImageClassifier,
+            ImageClassificationData,
+            run=False,
+            args=args,
+            seed_everything_default=0,
+            parser_class=_OneLineErrorParser,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"log_every_n_steps": 10, "num_sanity_val_steps": 0},
+            auto_configure_optimizers=False,
+        )
+        if run:
+            self.fit()
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Resume from this Lightning checkpoint; 'last' takes the newest last.ckpt under default_root_dir.",
+        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # Two checkpoint callbacks: Lightning's `save_last` rewrites last.ckpt only in epochs that also saved
+        # a top-k file, so a run whose val/acc1 stalls would resume from far back. `last_checkpoint` keeps
+        # one monitor-free file, last.ckpt, rewritten every epoch; `checkpoint` keeps the best by val/acc1.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": False,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "epoch={epoch}-acc1={val/acc1:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+            # Bad paths and settings found while building the data, model or trainer: one line, no traceback.
+            self.parser.error(f"{type(e).__name__}: {e}")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config_init.get("trainer", {})
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = CSVLogger(save_dir=root, name="lightning_logs")
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def fit(self) -> None:
+        ckpt_path = self.config.get("ckpt_path")
+        if ckpt_path == "last":
+            try:
+                ckpt_path = find_last_checkpoint(self.trainer.default_root_dir)
+            except FileNotFoundError as e:
+                self.parser.error(str(e))
+        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+            self.parser.error(f"ckpt_path: file {ckpt_path!r} does not exist")
+        try:
+            self.trainer.fit(self.model, self.datamodule, ckpt_path=ckpt_path)
+        except FloatingPointError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(1)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Parse `args` (default: the command line), build the task, data and trainer, and fit."""
+    # The EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    ClassificationCLI(args=args)

@@ -1,0 +1,357 @@
+"""Data for image classification: scikit-learn's digits (ships with the package) or an ImageFolder tree.
+
+`ImageClassificationData()` with no `root` trains on the 1797 8x8 digits of `sklearn.datasets.load_digits`,
+split into train and val by a fixed stratified split and upscaled to `image_size`, so a recipe runs offline
+in minutes. With `root=DIR` it reads `DIR/train/<class>/*` and `DIR/val/<class>/*` (torchvision's
+ImageFolder layout, any image format PIL opens). Transforms are timm's `create_transform`.
+
+Training draws are reproducible by construction: the sampler's order is a function of (seed, epoch) and
+each image's augmentation a function of (seed, epoch, position in the epoch), whatever the number of
+loader workers and wherever a run was resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
+
+__all__ = [
+    "DigitsDataset",
+    "EpochSampler",
+    "ImageClassificationData",
+    "SeededAugmentation",
+    "check_image_folder",
+    "image_extensions",
+]
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Lower-case file extensions of every format PIL can open here (`.jpg`, `.png`, `.webp`, ...)."""
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+def _first_image(folder: str, extensions: tuple[str, ...]) -> str | None:
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        for name in files:
+            if name.lower().endswith(extensions):
+                return os.path.join(dirpath, name)
+    return None
+
+
+def check_image_folder(root: str) -> list[str]:
+    """Check an ImageFolder tree `root/{train,val}/<class>/<images>` and return its sorted class names.
+
+    Raises:
+        FileNotFoundError: naming the missing directory.
+        ValueError: naming an empty class folder, or the classes that train and val do not share.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: directory {root!r} does not exist")
+    extensions = image_extensions()
+    classes = {}
+    for split in ("train", "val"):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(
+                f"data.root: {split_dir!r} does not exist (expected {root}/train/<class>/* and {root}/val/<class>/*)"
+            )
+        names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        if not names:
+            raise ValueError(f"data.root: {split_dir!r} has no class folders")
+        for name in names:
+            if _first_image(os.path.join(split_dir, name), extensions) is None:
+                raise ValueError(f"data.root: class folder {os.path.join(split_dir, name)!r} holds no image files")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise ValueError(
+            f"data.root: train and val classes differ: only in train {only_train[:5]}, only in val {only_val[:5]}"
+        )
+    return classes["train"]
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits as RGB PIL images of `image_size`, labels 0-9.
+
+    Args:
+        split: 'train' or 'val'; a stratified split fixed by `split_seed`.
+        image_size: side of the square images the 8x8 digits are upscaled to (bilinear).
+        val_fraction: share of the 1797 images held out for val.
+        split_seed: seed of the split (not of training).
+        transform: applied to each PIL image.
+    """
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(
+        self,
+        split: str,
+        image_size: int = 64,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        transform: Callable | None = None,
+    ):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        digits = load_digits()
+        pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), ink 0..16
+        index = np.arange(len(pixels))
+        train_idx, val_idx = train_test_split(
+            index, test_size=val_fraction, random_state=split_seed, stratify=digits.target
+        )
+        keep = np.sort(train_idx if split == "train" else val_idx)
+        # Upscaled once here: transforms then crop and resize images of the trained size.
+        self.images = [
+            Image.fromarray(pixels[i], mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+            for i in keep
+        ]
+        self.targets = [int(t) for t in digits.target[keep]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+class EpochSampler(DistributedSampler):
+    """A process's share of an epoch, yielded as `(epoch, position, index)` keys for `SeededAugmentation`.
+
+    Wraps a sampler with `set_epoch` (torch's `DistributedSampler`, timm's `RepeatAugSampler`) whose order
+    depends on (seed, epoch) only. It is a `DistributedSampler` so that Lightning, which calls `set_epoch`
+    before each epoch's first draw, leaves the sharding as it is.
+
+    Args:
+        inner: the sampler that picks and shards the indices.
+        num_replicas: processes sharing the epoch.
+        rank: this process.
+    """
+
+    def __init__(self, inner: Sampler, num_replicas: int, rank: int):
+        # Not DistributedSampler.__init__: the inner sampler does the picking and sharding.
+        self.inner, self.num_replicas, self.rank, self.epoch = inner, num_replicas, rank, 0
+        self.dataset, self.shuffle = getattr(inner, "dataset", None), True
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        # Positions are unique across processes, so repeated copies of an image are augmented differently.
+        for k, index in enumerate(self.inner):
+            yield self.epoch, self.rank + k * self.num_replicas, int(index)
+
+
+class SeededAugmentation(Dataset):
+    """Applies a random `transform` to `dataset[index]` under a random state fixed by (seed, epoch, position).
+
+    Indexed by `EpochSampler` keys. The global `random`, NumPy and torch states are restored afterwards,
+    so loading in the main process leaves the training step's random draws (mixup, drop path) alone.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        epoch, position, index = key
+        image, target = self.dataset[index]
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seeds = np.random.SeedSequence([self.seed, epoch, position]).generate_state(3)
+        random.seed(int(seeds[0]))
+        np.random.seed(int(seeds[1]))
+        torch.manual_seed(int(seeds[2]))
+        try:
+            return self.transform(image), target
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class ImageClassificationData(LightningDataModule):
+    """Train and val loaders for single-label classification, with timm's transforms.
+
+    Args:
+        root: ImageFolder tree `root/train/<class>/*`, `root/val/<class>/*`; None for scikit-learn's digits.
+        image_size: side of the square crops the model sees.
+        batch_size: images per process and step (the global batch is this x devices x nodes).
+        val_batch_size: images per val step; defaults to `batch_size`.
+        num_workers: loader processes per training process.
+        val_fraction: digits only: share held out for val.
+        split_seed: digits only: seed of the train/val split.
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range.
+        hflip: horizontal flip probability.
+        color_jitter: brightness/contrast/saturation jitter; None or 0 for none (RandAugment replaces it).
+        auto_augment: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'.
+        re_prob: random erasing probability.
+        re_mode: random erasing fill ('pixel', 'rand', 'const').
+        re_count: random erasing regions per image.
+        interpolation: resize interpolation ('bicubic', 'bilinear', 'random').
+        crop_pct: val center crop fraction (resize to image_size / crop_pct, then crop).
+        mean: per-channel normalization mean.
+        std: per-channel normalization std.
+        repeated_aug: repeats of each image per epoch across processes (timm's RepeatAugSampler, as DeiT);
+            0 or 1 for none. It shards the data itself, so set `trainer.use_distributed_sampler: false` with it.
+        pin_memory: pin host memory for faster copies to the GPU.
+        persistent_workers: keep loader processes between epochs. Faster on large data sets, but the workers'
+            random state then runs on from one epoch to the next, so a resumed run no longer repeats an
+            uninterrupted one exactly.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        hflip: float = 0.5,
+        color_jitter: float | None = 0.4,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        repeated_aug: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+        self.save_hyperparameters()
+        # Checked now, before any model is built, so a wrong path stops the run at once.
+        self.classes = DigitsDataset.classes if root is None else check_image_folder(root)
+        self.num_classes = len(self.classes)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def transform(self, training: bool) -> Callable:
+        """timm's train or eval transform for these settings."""
+        h = self.hparams
+        if training:
+            jitter = h.color_jitter if h.color_jitter else None
+            return create_transform(
+                h.image_size,
+                is_training=True,
+                scale=tuple(h.scale),
+                ratio=tuple(h.ratio),
+                hflip=h.hflip,
+                color_jitter=jitter,
+                auto_augment=h.auto_augment,
+                interpolation=h.interpolation,
+                mean=tuple(h.mean),
+                std=tuple(h.std),
+                re_prob=h.re_prob,
+                re_mode=h.re_mode,
+                re_count=h.re_count,
+            )
+        return create_transform(
+            h.image_size,
+            is_training=False,
+            interpolation="bicubic" if h.interpolation == "random" else h.interpolation,
+            mean=tuple(h.mean),
+            std=tuple(h.std),
+            crop_pct=h.crop_pct,
+        )
+
+    def _dataset(self, split: str, transform: Callable | None) -> Dataset:
+        h = self.hparams
+        if h.root is None:
+            return DigitsDataset(split, h.image_size, h.val_fraction, h.split_seed, transform=transform)
+        extensions = image_extensions()
+        return ImageFolder(
+            os.path.join(h.root, split), transform=transform, is_valid_file=lambda p: p.lower().endswith(extensions)
+        )
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`seed_everything`, as the CLI sets it), else 0."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = SeededAugmentation(self._dataset("train", None), self.transform(True), self.seed)
+        if self.val_dataset is None and stage in (None, "fit", "validate"):
+            self.val_dataset = self._dataset("val", self.transform(False))
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _lightning_shards(self) -> bool:
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        return bool(getattr(connector, "use_distributed_sampler", True))
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False, generator=None):
+        h = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=h.num_workers,
+            pin_memory=h.pin_memory,
+            persistent_workers=h.persistent_workers and h.num_workers > 0,
+            drop_last=drop_last,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        world, rank = self._world()
+        if h.repeated_aug > 1:
+            if world > 1 and self._lightning_shards():
+                raise ValueError("data.repeated_aug shards the data itself: set trainer.use_distributed_sampler: false")
+            inner = RepeatAugSampler(self.train_dataset, num_replicas=world, rank=rank, num_repeats=h.repeated_aug)
+        else:
+            inner = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        # The loader's own generator takes the worker base-seed draw off the global random state, which the
+        # training step's draws use; when in the epoch the loader is started then no longer matters.
+        generator = torch.Generator().manual_seed(self.seed)
+        # Full batches only: timm's batch-mode mixup needs an even batch, and BatchNorm a batch of more than one.
+        return self._loader(
+            self.train_dataset, h.batch_size, EpochSampler(inner, world, rank), drop_last=True, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        sampler = None
+        world, rank = self._world()
+        if world > 1 and not self._lightning_shards():
+            # Lightning shards val only when it shards train; with repeated_aug it does neither.
+            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_dataset, h.val_batch_size or h.batch_size, sampler=sampler)
