@@ -1,6 +1,6 @@
 """Backbones registered with timm, one file per family."""
 
-from . import biformer
+from . import biformer, cswin, litv2  # noqa: F401
 from .biformer import BiFormer
 
 __all__ = ["BiFormer", "biformer"]

@@ -1,0 +1,447 @@
+"""LITv2: Fast Vision Transformers with HiLo Attention.
+
+Pan, Cai and Zhuang, NeurIPS 2022 (arXiv:2205.13213); official code and weights: github.com/ziplab/LITv2.
+
+A 4 x 4 patch-embedding conv with LayerNorm, four stages joined by deformable token merging (2 x 2
+stride-2 deformable conv, BatchNorm, GELU). The first two stages have no attention: their blocks are a
+pre-norm ConvFFN only. The last two use pre-norm HiLo attention (window 2 in stage 3; window 1, i.e.
+plain multi-head attention, in stage 4) and the ConvFFN. A final LayerNorm, average pooling and a
+linear classifier. Sizes and the layout of the released checkpoints follow the official
+`classification/models/litv2.py` and its configs; `checkpoint_filter_fn` converts its keys to ours.
+
+Input sizes: any H, W >= 32. At 224 x 224 (the released classification models) nothing is padded and
+the outputs equal the official classifier's. Otherwise, as the official detection/segmentation
+backbone does, the image is zero-padded on the bottom/right to a multiple of 4, HiLo pads each map to
+a multiple of its window and crops, and each token merging halves the size rounding down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from blocks._layout import pad_to_multiple
+from blocks.hilo import ConvFFN, DeformableTokenMerging, HiLoAttention
+
+from ._contract import check_image_input, load_pretrained_file_safely, strict_key_check
+
+__all__ = ["LITv2", "checkpoint_filter_fn"]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch conv then LayerNorm; (B, C, H, W) -> (B, ceil(H / p), ceil(W / p), D)."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        patch_size: int = 4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.patch_size = patch_size
+        self.conv = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd)
+        self.norm = nn.LayerNorm(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The official detection backbone pads the image on the bottom/right to whole patches.
+        x, _ = pad_to_multiple(x.permute(0, 2, 3, 1), (self.patch_size, self.patch_size))
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class LITv2Block(nn.Module):
+    """Pre-norm HiLo attention (absent in the early stages) and ConvFFN residuals; x: (B, H, W, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 2,
+        alpha: float = 0.9,
+        has_attention: bool = True,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if has_attention:
+            self.norm1 = nn.LayerNorm(dim, **dd)
+            self.attn = HiLoAttention(
+                dim, num_heads, window_size=window_size, alpha=alpha, qkv_bias=qkv_bias, qk_scale=qk_scale, **dd
+            )
+        else:
+            self.norm1 = self.attn = None
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), drop=drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class LITv2Stage(nn.Module):
+    """Optional deformable token merging, then blocks; takes and returns channels-last (B, H, W, C)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        downsample: bool,
+        has_attention: bool,
+        window_size: int = 2,
+        alpha: float = 0.9,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.grad_checkpointing = False
+        self.downsample = DeformableTokenMerging(in_dim, dim, **dd) if downsample else None
+        self.blocks = nn.Sequential(
+            *[
+                LITv2Block(
+                    dim,
+                    num_heads,
+                    window_size=window_size,
+                    alpha=alpha,
+                    has_attention=has_attention,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    drop=drop,
+                    drop_path=drop_path[i] if drop_path else 0.0,
+                    **dd,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class LITv2(nn.Module):
+    """LITv2 backbone and classifier with timm's model interface.
+
+    Args:
+        embed_dim: channels of the first stage (doubled at each token merging).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        has_attention: per stage, whether blocks have HiLo attention (the official `has_msa`).
+        window_sizes: HiLo window per stage (the official `local_ws`; unused where there is no attention).
+        alpha: fraction of heads on HiLo's low-frequency path.
+        mlp_ratio: ConvFFN hidden width / channels.
+        qkv_bias: bias in the q/k/v projections.
+        qk_scale: logit scale override.
+        in_chans: input channels.
+        num_classes: classifier outputs (0 for none).
+        global_pool: pooling type of the head ('avg' as in the paper).
+        drop_rate: dropout inside the ConvFFNs (where the official model applies its `drop_rate`).
+        drop_path_rate: stochastic depth, increasing linearly over all blocks.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        has_attention: Sequence[bool] = (False, False, True, True),
+        window_sizes: Sequence[int] = (0, 0, 2, 1),
+        alpha: float = 0.9,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
+        # Three token mergings need a map of at least 8 x 8 after the stem.
+        self.min_input_size = 32
+        self.stem = PatchEmbed(in_chans, embed_dim, **dd)
+        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
+        stages, self.feature_info = [], []
+        in_dim = embed_dim
+        per_stage = zip(depths, num_heads, has_attention, window_sizes, strict=True)
+        for i, (depth, heads, attention, window) in enumerate(per_stage):
+            dim = embed_dim * 2**i
+            stages.append(
+                LITv2Stage(
+                    in_dim,
+                    dim,
+                    depth,
+                    heads,
+                    downsample=i > 0,
+                    has_attention=attention,
+                    window_size=window,
+                    alpha=alpha,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    drop=drop_rate,
+                    drop_path=dpr[i],
+                    **dd,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
+            in_dim = dim
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = in_dim
+        self.norm = nn.LayerNorm(in_dim, **dd)
+        self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, **dd)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # As the official model: truncated-normal linears with zero bias; convs keep their own init.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # No position tables or tokens; timm's optimizer factory already spares norms and biases.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, self.in_chans, self.min_input_size)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs, (B, C_i, H_i, W_i) each at stride 2 ** (i + 2), as timm defines the call.
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: last n stages if int, all if None, else the stage indices to return.
+            norm: apply the final LayerNorm to the last stage's map.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: return only the list of stage outputs.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                x_out = self.norm(x) if norm and i == last_idx else x
+                intermediates.append(x_out if output_fmt == "NHWC" else x_out.permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        if i == last_idx:
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and norm/head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C4, H4, W4) at stride 32, after the final LayerNorm."""
+        self._check_input(x)
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: (B, C4, h, w) -> logits (B, num_classes), or pooled features (B, C4) if pre_logits."""
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _downsample_key(match: re.Match) -> str:
+    # Officially each layer ends with the merging that feeds the next one; ours starts the next stage.
+    part = {"dconv.conv_offset": "offset", "dconv": "", "norm_layer": "norm"}[match.group(2)]
+    return f"stages.{int(match.group(1)) + 1}.downsample." + (f"{part}." if part else "")
+
+
+# Official key -> ours, applied in order.
+_KEY_RULES = (
+    (r"^patch_embed\.proj\.", "stem.conv."),
+    (r"^patch_embed\.norm\.", "stem.norm."),
+    (r"^layers\.(\d+)\.downsample\.(dconv\.conv_offset|dconv|norm_layer)\.", _downsample_key),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.attn\.h_", ".attn.hi_"),
+    (r"\.attn\.l_", ".attn.lo_"),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+    (r"^head\.", "head.fc."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LITv2) -> dict[str, torch.Tensor]:
+    """Convert an official LITv2 state dict (or one of ours) to this model's keys, strictly.
+
+    Raises:
+        KeyError: naming the keys the model needs but the checkpoint lacks, or the checkpoint's keys
+            the model has no place for.
+        ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
+    """
+    if "stem.conv.weight" in state_dict:  # already ours (e.g. a safetensors export)
+        converted = dict(state_dict)
+    else:
+        converted = {}
+        for key, value in state_dict.items():
+            for pattern, repl in _KEY_RULES:
+                key = re.sub(pattern, repl, key)
+            converted[key] = value
+    strict_key_check(converted, model, classifier="head.fc", source="LITv2 checkpoint")
+    return converted
+
+
+def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    # The official trainer saves {'model': state_dict, 'optimizer': ..., ...} and evaluates 'model'.
+    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("model", "state_dict"))
+    return build_model_with_cfg(
+        LITv2,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "min_input_size": (3, 32, 32),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv",
+        "classifier": "head.fc",
+        "paper_ids": "arXiv:2205.13213",
+        "paper_name": "Fast Vision Transformers with HiLo Attention",
+        "origin_url": "https://github.com/ziplab/LITv2",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_RELEASE = "https://github.com/ziplab/LITv2/releases/download/v1.0/{}"
+
+# The authors' release links (README of ziplab/LITv2); ImageNet-1k top-1 from the paper.
+default_cfgs = generate_default_cfgs(
+    {
+        "zoo_litv2_s.in1k": _cfg(url=_RELEASE.format("litv2_s.pth"), notes=("ImageNet-1k top-1 82.0 (paper)",)),
+        "zoo_litv2_m.in1k": _cfg(url=_RELEASE.format("litv2_m.pth"), notes=("ImageNet-1k top-1 83.3 (paper)",)),
+        "zoo_litv2_b.in1k": _cfg(url=_RELEASE.format("litv2_b.pth"), notes=("ImageNet-1k top-1 83.6 (paper)",)),
+    }
+)
+
+_ARGS = dict(has_attention=(False, False, True, True), window_sizes=(0, 0, 2, 1), alpha=0.9)
+
+
+@register_model
+def zoo_litv2_s(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-S: 27.8 M parameters, 3.7 GFLOPs, 82.0% ImageNet-1k top-1."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), **_ARGS)
+    return _create_litv2("zoo_litv2_s", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_litv2_m(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-M: 48.8 M parameters, 7.5 GFLOPs, 83.3% ImageNet-1k top-1."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_ARGS)
+    return _create_litv2("zoo_litv2_m", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_litv2_b(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-B: 86.5 M parameters, 13.2 GFLOPs, 83.6% ImageNet-1k top-1."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_ARGS)
+    return _create_litv2("zoo_litv2_b", pretrained=pretrained, **dict(model_args, **kwargs))
