@@ -1,0 +1,565 @@
+"""Pyramid Sparse Attention (PSA) for video transformers.
+
+Li et al., "PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation"
+(arXiv:2512.04025); official code: github.com/ziplab/Pyramid-Sparse-Attention.
+
+Queries are split into blocks of `block_q` tokens, keys and values into blocks of `block_k` tokens.
+For every (query block, key block) pair PSA estimates an importance from a few sampled queries and keys
+of the two blocks, then gives each query block's most important key blocks their full resolution, the
+next ones 2x, 4x or 8x average-pooled keys and values, and skips the rest: by fixed quotas per level
+(`assignment="quota"`, the official `topk` mask mode) or by the cumulative importance each level must
+reach (`assignment="threshold"`, the official `thresholdbound`). An optional similarity constraint
+pools a key block only as far as its keys are alike. The op itself (`kernels.pyramid_sparse`) adds
+log(pool factor) to a pooled key's logit, so that it weighs as the tokens it stands for, under one
+softmax.
+
+Video tokens are reordered before blocking so that a block is a compact space-time neighbourhood: along
+a 3-D generalized Hilbert ("Gilbert") curve, as the official code does, or tile by tile; the output is
+put back in the input order.
+
+`PyramidSparseAttention` is the parameter-free core on (B, heads, L, head_dim) tensors (what a
+diffusers attention processor calls); `VideoSelfAttention` is a self-attention mixer on channels-last
+video (B, T, H, W, C) whose attention is dense SDPA or PSA, switchable without touching its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.pyramid_sparse import POOL_FACTORS, pyramid_sparse_attention
+
+__all__ = [
+    "PSAConfig",
+    "PyramidSparseAttention",
+    "VideoSelfAttention",
+    "apply_rotary_interleaved",
+    "assign_levels",
+    "attention_density",
+    "block_importance",
+    "gilbert_curve",
+    "plan_levels",
+    "similarity_cap",
+    "video_token_order",
+]
+
+ASSIGNMENTS = ("quota", "threshold")
+REORDERS = ("gilbert", "tiles", "none")
+
+
+@dataclasses.dataclass
+class PSAConfig:
+    """Everything PSA can be told. Defaults are the official plug-and-play ones (`psa_triton.PSAConfig`).
+
+    Attributes:
+        block_q: query tokens per block (official `block_m`, 128).
+        block_k: key/value tokens per block (official `block_n`, 64); a multiple of 8.
+        assignment: "quota" gives each level a fixed share of every query block's key blocks, ranked by
+            importance (official `mask_mode="topk"`); "threshold" gives each level the blocks that bring the
+            cumulative importance up to its bound (official `"thresholdbound"`).
+        level_bounds: cumulative upper bounds for the levels 1 (full), 2, 4 and 8 (pooled); blocks past the
+            last bound are skipped. Under "quota" they are fractions of the key blocks: the default
+            (0.10, 0.15, 0.15, 0.35) keeps 10% full, 5% at 2x, none at 4x, 20% at 8x and skips 65% (the
+            official `mask_ratios`). Under "threshold" they are cumulative importance, e.g. the official
+            Wan2.1-1.3B preset (0.6, 0.7, 0.7, 0.8).
+        min_full_fraction: under "threshold", the least fraction of key blocks kept at full resolution
+            (official 0.08); under "quota" at least one block is always kept full.
+        sample_stride: the importance estimate uses every `sample_stride`-th query and key of each block
+            (official: block // 4 tokens per block, at random positions).
+        use_similarity: pool a key block at 2x/4x/8x only where its keys are alike (official `use_sim_mask`).
+        similarity_thresholds: cosine similarity a block's token pairs 1, 3 and 7 apart must exceed on
+            average to allow 2x, 4x and 8x pooling (official presets: 0.7, 0.65, 0.6).
+        reorder: order of video tokens before blocking: "gilbert" (3-D generalized Hilbert curve, official),
+            "tiles" (tile by tile, `tile_size` (t, h, w) tokens each) or "none".
+        tile_size: tile extent for `reorder="tiles"` (official presets: (2, 8, 8)).
+        warmup_steps: the first denoising steps run dense attention (official Wan2.1 presets: 15 of 50).
+            Only applies where the caller passes the step (the diffusers integration and the zoo's pipeline).
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    assignment: str = "quota"
+    level_bounds: tuple[float, float, float, float] = (0.10, 0.15, 0.15, 0.35)
+    min_full_fraction: float = 0.08
+    sample_stride: int = 4
+    use_similarity: bool = False
+    similarity_thresholds: tuple[float, float, float] = (0.7, 0.65, 0.6)
+    reorder: str = "gilbert"
+    tile_size: tuple[int, int, int] = (2, 8, 8)
+    warmup_steps: int = 15
+
+    def __post_init__(self) -> None:
+        self.level_bounds = tuple(float(x) for x in self.level_bounds)
+        self.similarity_thresholds = tuple(float(x) for x in self.similarity_thresholds)
+        self.tile_size = tuple(int(x) for x in self.tile_size)
+        if not (isinstance(self.block_q, int) and self.block_q > 0):
+            raise ValueError(f"block_q must be a positive int, got {self.block_q!r}")
+        if not (isinstance(self.block_k, int) and self.block_k > 0 and self.block_k % max(POOL_FACTORS) == 0):
+            raise ValueError(f"block_k must be a positive multiple of {max(POOL_FACTORS)}, got {self.block_k!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        bounds = self.level_bounds
+        if len(bounds) != 4 or any(not 0.0 <= x <= 1.0 for x in bounds) or list(bounds) != sorted(bounds):
+            raise ValueError(f"level_bounds must be 4 non-decreasing numbers in [0, 1], got {bounds}")
+        if not 0.0 <= self.min_full_fraction <= 1.0:
+            raise ValueError(f"min_full_fraction must lie in [0, 1], got {self.min_full_fraction}")
+        if not (isinstance(self.sample_stride, int) and self.sample_stride > 0):
+            raise ValueError(f"sample_stride must be a positive int, got {self.sample_stride!r}")
+        if len(self.similarity_thresholds) != 3:
+            raise ValueError(f"similarity_thresholds must be 3 numbers (2x, 4x, 8x), got {self.similarity_thresholds}")
+        if self.reorder not in REORDERS:
+            raise ValueError(f"reorder must be one of {REORDERS}, got {self.reorder!r}")
+        if len(self.tile_size) != 3 or min(self.tile_size) < 1:
+            raise ValueError(f"tile_size must be 3 positive ints (t, h, w), got {self.tile_size}")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+
+    @classmethod
+    def full_density(cls, **overrides) -> PSAConfig:
+        """A config that keeps every key block at full resolution: PSA then equals dense attention."""
+        return cls(**{"assignment": "quota", "level_bounds": (1.0, 1.0, 1.0, 1.0), "warmup_steps": 0, **overrides})
+
+    def to_dict(self) -> dict:
+        """JSON-friendly fields (tuples as lists), e.g. for a diffusers model config."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
+        }
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def _sample_index(length: int, block: int, stride: int, device: torch.device) -> torch.Tensor:
+    """(M, n) positions of the sampled tokens of each block; the last block repeats its last real token."""
+    blocks, per_block = -(-length // block), max(1, block // stride)
+    pos = torch.arange(blocks, device=device).unsqueeze(1) * block + torch.arange(per_block, device=device) * stride
+    return pos.clamp_(max=length - 1)
+
+
+@torch.no_grad()
+def block_importance(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, sample_stride: int = 4, scale: float | None = None
+) -> torch.Tensor:
+    """Importance of every key block to every query block, from sampled queries and keys.
+
+    As in the official pooling kernel: for each sampled query, the largest logit within each key block,
+    turned into weights relative to its largest (exp(l - max)); a query block takes the largest weight
+    of its sampled queries; each query block's row is normalised to sum to one.
+
+    Args:
+        q: (B, H, Lq, D), k: (B, H, Lk, D).
+        block_q, block_k: block sizes.
+        sample_stride: keep every `sample_stride`-th token of a block (block // sample_stride tokens).
+        scale: logit scale; defaults to D ** -0.5.
+
+    Returns:
+        (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) float32, rows summing to 1.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, h, lq, d = q.shape
+    qi = _sample_index(lq, block_q, sample_stride, q.device)
+    ki = _sample_index(k.shape[2], block_k, sample_stride, q.device)
+    mq, nq = qi.shape
+    mk, nk = ki.shape
+    qs = q[:, :, qi.flatten()].view(b, h, mq, nq, d)
+    ks = k[:, :, ki.flatten()]
+    # Bound the (sampled queries x sampled keys) logits held at once to ~64 Mi elements.
+    chunk = max(1, min(mq, 2**26 // max(1, b * h * nq * mk * nk)))
+    out = []
+    for s in range(0, mq, chunk):
+        part = qs[:, :, s : s + chunk]
+        logits = torch.matmul(part.flatten(2, 3), ks.transpose(-1, -2)).float() * scale
+        peak = logits.view(b, h, -1, mk, nk).amax(dim=-1)  # (B, H, c * nq, Mk)
+        weight = torch.exp(peak - peak.amax(dim=-1, keepdim=True))
+        out.append(weight.view(b, h, -1, nq, mk).amax(dim=3))
+    importance = torch.cat(out, dim=2)
+    return importance / importance.sum(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def assign_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor:
+    """Levels in {0, 1, 2, 4, 8} for every (query block, key block) pair from its importance.
+
+    Args:
+        importance: (B, H, Mq, Mk), rows summing to 1.
+        config: `assignment`, `level_bounds`, `min_full_fraction` are read.
+
+    Returns:
+        (B, H, Mq, Mk) uint8. The most important blocks get level 1, then 2, 4, 8; the rest 0.
+    """
+    mk = importance.shape[-1]
+    order = torch.argsort(importance, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(mk, device=importance.device)
+    if config.assignment == "quota":
+        rank_level = torch.zeros(mk, dtype=torch.uint8, device=importance.device)
+        start = 0
+        for i, (factor, bound) in enumerate(zip(POOL_FACTORS, config.level_bounds, strict=True)):
+            end = max(start, min(mk, int(mk * bound + 1e-9)), 1 if i == 0 else 0)
+            rank_level[start:end] = factor
+            start = end
+        ranked = rank_level.expand_as(order)
+    else:
+        energy = torch.cumsum(torch.gather(importance, -1, order), dim=-1)
+        energy = energy / energy[..., -1:]
+        ranked = torch.zeros_like(order, dtype=torch.uint8)
+        start = torch.zeros(order.shape[:-1], dtype=torch.long, device=importance.device)
+        for factor, bound in zip(POOL_FACTORS, config.level_bounds, strict=True):
+            # The blocks whose cumulative importance stays within the bound, and the one that crosses it.
+            within = (energy <= bound + 1e-6).sum(dim=-1)
+            end = torch.where(within > 0, within + 1, start).clamp(max=mk)
+            end = torch.maximum(end, start)
+            if factor == 1:
+                end = end.clamp(min=min(mk, int(mk * config.min_full_fraction) + 1))
+            span = (ranks >= start.unsqueeze(-1)) & (ranks < end.unsqueeze(-1))
+            ranked = torch.where(span, torch.full_like(ranked, factor), ranked)
+            start = end
+    return torch.empty_like(ranked).scatter_(-1, order, ranked)
+
+
+@torch.no_grad()
+def similarity_cap(k: torch.Tensor, block_k: int, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """The largest pooling factor each key block's similarity allows (official `calc_k_similarity`).
+
+    A block may be pooled 2x / 4x / 8x where the mean cosine similarity of its keys 1 / 3 / 7 positions
+    apart (pairs (0, 1), (2, 3), ...; (0, 3), (4, 7), ...; (0, 7), (8, 15), ...) exceeds the threshold.
+
+    Args:
+        k: (B, H, Lk, D).
+        block_k: key block size (multiple of 8).
+        thresholds: (2x, 4x, 8x) cosine thresholds.
+
+    Returns:
+        (B, H, ceil(Lk / block_k)) uint8 in {1, 2, 4, 8}.
+    """
+    b, h, lk, d = k.shape
+    mk = -(-lk // block_k)
+    blocks = k[:, :, torch.arange(mk * block_k, device=k.device).clamp(max=lk - 1)].view(b, h, mk, block_k, d).float()
+    cap = torch.ones(b, h, mk, dtype=torch.uint8, device=k.device)
+    for factor, threshold in zip(POOL_FACTORS[1:], thresholds, strict=True):
+        sim = F.cosine_similarity(blocks[..., 0::factor, :], blocks[..., factor - 1 :: factor, :], dim=-1).mean(-1)
+        cap = torch.where(sim > threshold, torch.full_like(cap, factor), cap)
+    return cap
+
+
+@torch.no_grad()
+def plan_levels(
+    q: torch.Tensor, k: torch.Tensor, config: PSAConfig, full_key_from: int | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """Importance, level assignment and the optional similarity constraint, in one call.
+
+    Args:
+        q: (B, H, Lq, D), k: (B, H, Lk, D), already in block order.
+        config: the PSA config.
+        full_key_from: key blocks holding tokens at or past this index are kept full for every query
+            (text tokens placed after the video, as the official code does for CogVideoX).
+        scale: logit scale of the importance estimate.
+
+    Returns:
+        (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) uint8 levels.
+    """
+    importance = block_importance(q, k, config.block_q, config.block_k, config.sample_stride, scale)
+    levels = assign_levels(importance, config)
+    if config.use_similarity:
+        cap = similarity_cap(k, config.block_k, config.similarity_thresholds).unsqueeze(2)
+        levels = torch.where(levels > 0, torch.minimum(levels, cap), levels)
+    if full_key_from is not None and full_key_from < k.shape[2]:
+        levels[..., full_key_from // config.block_k :] = 1
+    return levels
+
+
+def attention_density(levels: torch.Tensor) -> torch.Tensor:
+    """Fraction of dense attention's arithmetic the levels cost: mean of 1/level over pairs, 0 for skipped."""
+    lv = levels.float()
+    return torch.where(lv > 0, 1.0 / lv.clamp_min(1), torch.zeros_like(lv)).mean()
+
+
+# ----------------------------------------------------------------------------------------------- token order
+
+
+def gilbert_curve(depth: int, height: int, width: int) -> list[tuple[int, int, int]]:
+    """The (t, h, w) cells of a depth x height x width grid along a 3-D generalized Hilbert curve.
+
+    Červený's "Gilbert" construction, the curve the official code orders video tokens by: it fills any
+    cuboid, and consecutive cells are face neighbours whenever the sides are even (odd sides may force
+    one diagonal step). The curve starts along the longest side.
+    """
+    out: list[tuple[int, int, int]] = []
+
+    def sign(v: int) -> int:
+        return (v > 0) - (v < 0)
+
+    def add(*vs):
+        return tuple(sum(c) for c in zip(*vs, strict=True))
+
+    def neg(v):
+        return tuple(-c for c in v)
+
+    def unit(v):
+        return tuple(sign(c) for c in v)
+
+    def length(v) -> int:
+        return abs(sum(v))
+
+    def half(v, d, full: int):
+        h = tuple(c // 2 for c in v)
+        # An odd half would leave an odd sub-box that the curve cannot cross without a diagonal step.
+        return add(h, d) if length(h) % 2 and full > 2 else h
+
+    def fill(p, a, b, c) -> None:
+        w, h, d = length(a), length(b), length(c)
+        da, db, dc = unit(a), unit(b), unit(c)
+        if h == 1 and d == 1:
+            out.extend(add(p, tuple(i * x for x in da)) for i in range(w))
+            return
+        if w == 1 and d == 1:
+            out.extend(add(p, tuple(i * x for x in db)) for i in range(h))
+            return
+        if w == 1 and h == 1:
+            out.extend(add(p, tuple(i * x for x in dc)) for i in range(d))
+            return
+        a2, b2, c2 = half(a, da, w), half(b, db, h), half(c, dc, d)
+        a_rest, b_rest, c_rest = add(a, neg(a2)), add(b, neg(b2)), add(c, neg(c2))
+        a_end, b_back, c_end = add(a, neg(da)), add(b2, neg(db)), add(c, neg(dc))
+        if 2 * w > 3 * h and 2 * w > 3 * d:  # long along a: halve a only
+            fill(p, a2, b, c)
+            fill(add(p, a2), a_rest, b, c)
+        elif 3 * h > 4 * d:  # flat in c: split a and b
+            fill(p, b2, c, a2)
+            fill(add(p, b2), a, b_rest, c)
+            fill(add(p, a_end, b_back), neg(b2), c, neg(a_rest))
+        elif 3 * d > 4 * h:  # flat in b: split a and c
+            fill(p, c2, a2, b)
+            fill(add(p, c2), a, b, c_rest)
+            fill(add(p, a_end, add(c2, neg(dc))), neg(c2), neg(a_rest), b)
+        else:  # split all three
+            fill(p, b2, c2, a2)
+            fill(add(p, b2), c, a2, b_rest)
+            fill(add(p, b_back, c_end), a, neg(b2), neg(c_rest))
+            fill(add(p, a_end, b2, c_end), neg(c), neg(a_rest), b_rest)
+            fill(add(p, a_end, b_back), neg(b2), c2, neg(a_rest))
+
+    # Cells are (x, y, z) = (w, h, t); the first vector is the longest side (ties: width, then height).
+    x, y, z = (width, 0, 0), (0, height, 0), (0, 0, depth)
+    if width >= height and width >= depth:
+        fill((0, 0, 0), x, y, z)
+    elif height >= width and height >= depth:
+        fill((0, 0, 0), y, x, z)
+    else:
+        fill((0, 0, 0), z, x, y)
+    return [(t, h, w) for w, h, t in out]
+
+
+@functools.lru_cache(maxsize=64)
+def _token_order(grid: tuple[int, int, int], method: str, tile_size: tuple[int, int, int]) -> torch.Tensor:
+    t, h, w = grid
+    if method == "gilbert":
+        cells = torch.tensor(gilbert_curve(t, h, w), dtype=torch.long)
+        return (cells[:, 0] * h + cells[:, 1]) * w + cells[:, 2]
+    tt, th, tw = tile_size
+    ti, hi, wi = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    tile = ((ti // tt) * -(-h // th) + hi // th) * -(-w // tw) + wi // tw
+    within = ((ti % tt) * th + hi % th) * tw + wi % tw
+    return torch.argsort((tile * (tt * th * tw) + within).flatten())
+
+
+def video_token_order(
+    grid: tuple[int, int, int], method: str = "gilbert", tile_size: tuple[int, int, int] = (2, 8, 8)
+) -> torch.Tensor:
+    """Permutation of the T*H*W row-major video tokens into block order.
+
+    Args:
+        grid: (T, H, W) token grid.
+        method: "gilbert", "tiles" or "none".
+        tile_size: (t, h, w) tile extent for "tiles"; tiles at the far edges may be partial.
+
+    Returns:
+        (T*H*W,) int64 CPU tensor `perm`: reordered = x[..., perm, :]; `perm.argsort()` undoes it.
+    """
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be 3 positive ints (T, H, W), got {grid}")
+    if method not in REORDERS:
+        raise ValueError(f"method must be one of {REORDERS}, got {method!r}")
+    if method == "none":
+        return torch.arange(math.prod(grid))
+    return _token_order(grid, method, tuple(int(s) for s in tile_size))
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+class PyramidSparseAttention(nn.Module):
+    """PSA on heads: reorder video tokens, plan levels, run the pyramid sparse op, restore the order.
+
+    Parameter-free; one instance can serve every layer of a model. `last_density` holds the fraction of
+    dense attention arithmetic the last call cost (a 0-dim tensor; 1.0 for a dense call).
+
+    Args:
+        config: the PSA config; `PSAConfig()` (official defaults) when None.
+    """
+
+    def __init__(self, config: PSAConfig | None = None):
+        super().__init__()
+        if config is not None and not isinstance(config, PSAConfig):
+            raise ValueError(f"config must be a PSAConfig, got {type(config).__name__}")
+        self.config = config or PSAConfig()
+        self.last_density: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"block=({c.block_q}, {c.block_k}), assignment={c.assignment}, bounds={c.level_bounds}, reorder={c.reorder}"
+        )
+
+    def _order(self, grid, num_text_tokens: int, length: int, device) -> torch.Tensor | None:
+        if grid is None or self.config.reorder == "none":
+            if num_text_tokens == 0:
+                return None
+            video = torch.arange(length - num_text_tokens)
+        else:
+            video = video_token_order(grid, self.config.reorder, self.config.tile_size)
+        # The text goes after the reordered video, as in the official code, so that its key blocks sit
+        # together at the end and can be kept full.
+        order = torch.cat([video + num_text_tokens, torch.arange(num_text_tokens)])
+        return order.to(device)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid: tuple[int, int, int] | None = None,
+        num_text_tokens: int = 0,
+        step: int | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Self-attention of a video token sequence (optionally preceded by text tokens).
+
+        Args:
+            q, k: (B, H, L, D); v: (B, H, L, Dv). L = num_text_tokens + T*H*W when `grid` is given.
+            grid: (T, H, W) of the video tokens, in row-major order; None leaves the order as it is.
+            num_text_tokens: text tokens at the start of the sequence (CogVideoX's joint attention); their
+                key blocks are kept at full resolution for every query.
+            step: the denoising step; steps below `config.warmup_steps` run dense attention.
+            scale: logit scale; defaults to D ** -0.5.
+
+        Returns:
+            (B, H, L, Dv).
+        """
+        if q.dim() != 4 or q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3]:
+            raise ValueError(
+                f"PyramidSparseAttention expects q, k (B, H, L, D) and v (B, H, L, Dv) of one length; "
+                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        length = q.shape[2]
+        if not 0 <= num_text_tokens <= length:
+            raise ValueError(f"num_text_tokens must lie in [0, {length}], got {num_text_tokens}")
+        if grid is not None and math.prod(grid) != length - num_text_tokens:
+            raise ValueError(
+                f"grid {tuple(grid)} holds {math.prod(grid)} tokens, but the sequence has "
+                f"{length - num_text_tokens} video tokens ({length} minus {num_text_tokens} text)"
+            )
+        if step is not None and step < self.config.warmup_steps:
+            self.last_density = q.new_ones((), dtype=torch.float32)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        order = self._order(grid, num_text_tokens, length, q.device)
+        if order is not None:
+            q, k, v = (x.index_select(2, order) for x in (q, k, v))
+        full_from = length - num_text_tokens if num_text_tokens else None
+        levels = plan_levels(q, k, self.config, full_key_from=full_from, scale=scale)
+        self.last_density = attention_density(levels)
+        out = pyramid_sparse_attention(q, k, v, levels, self.config.block_q, self.config.block_k, scale)
+        if order is not None:
+            out = out.index_select(2, torch.argsort(order))
+        return out
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (x0, x1), (x2, x3), ... by the angles whose cos/sin are given.
+
+    Args:
+        x: (..., L, D).
+        cos, sin: (L, D) with each angle repeated for the two channels of its pair (diffusers' Wan and
+            `get_1d_rotary_pos_embed(..., use_real=True, repeat_interleave_real=True)` layout).
+
+    Returns:
+        (..., L, D) in x's dtype; the rotation runs in the wider of x's and cos's dtypes, as diffusers' Wan does.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+class VideoSelfAttention(nn.Module):
+    """Multi-head self-attention on channels-last video, dense (SDPA) or pyramid sparse.
+
+    q/k/v projection, per-head RMSNorm on queries and keys (optional), optional rotary positions,
+    attention, output projection. Dense and PSA share every weight: `attention` only picks the op.
+
+    Args:
+        dim: channels C.
+        num_heads: heads; `dim` must be divisible by it.
+        qkv_bias: bias of the q/k/v projection.
+        qk_norm: RMSNorm on each head's queries and keys.
+        attention: "dense" or "psa".
+        psa_config: PSA config (official defaults when None).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = True,
+        attention: str = "dense",
+        psa_config: PSAConfig | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **dd) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **dd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.psa = PyramidSparseAttention(psa_config)
+        self.attention = "dense"
+        self.set_attention(attention)
+
+    def set_attention(self, attention: str) -> None:
+        """Switch between "dense" and "psa" (weights untouched)."""
+        if attention not in ("dense", "psa"):
+            raise ValueError(f"attention must be 'dense' or 'psa', got {attention!r}")
+        self.attention = attention
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, step: int | None = None
+    ) -> torch.Tensor:
+        """Args:
+            x: (B, T, H, W, C).
+            rope: (cos, sin), each (T*H*W, head_dim), rotary angles of the row-major tokens.
+            step: denoising step, for PSA's dense warm-up.
+
+        Returns:
+            (B, T, H, W, C).
+        """
+        if x.dim() != 5 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"VideoSelfAttention expects (B, T, H, W, {self.qkv.in_features}), got {tuple(x.shape)}")
+        b, t, h, w, c = x.shape
+        q, k, v = self.qkv(x.reshape(b, t * h * w, c)).view(b, -1, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope)
+        if self.attention == "psa":
+            out = self.psa(q, k, v, grid=(t, h, w), step=step)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, h, w, c))

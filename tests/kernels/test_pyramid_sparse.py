@@ -1,0 +1,133 @@
+"""The pyramid-sparse-attention reference: full density is dense attention, a pooled level is attention to
+group means, the gathered form equals the masked form, it is differentiable, and its inputs are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.pyramid_sparse import (
+    LEVELS,
+    pyramid_sparse_attention,
+    pyramid_sparse_attention_masked,
+    pyramid_sparse_attention_reference,
+)
+
+BQ, BK = 8, 16
+
+
+def _qkv(b=2, h=2, lq=37, lk=45, d=8, dv=6, dtype=torch.float64, grad=False):
+    q = torch.randn(b, h, lq, d, dtype=dtype, requires_grad=grad)
+    k = torch.randn(b, h, lk, d, dtype=dtype, requires_grad=grad)
+    v = torch.randn(b, h, lk, dv, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _levels(q, k, fill=None, bq=BQ, bk=BK):
+    shape = (q.shape[0], q.shape[1], -(-q.shape[2] // bq), -(-k.shape[2] // bk))
+    if fill is not None:
+        return torch.full(shape, fill, dtype=torch.int64)
+    return torch.tensor(LEVELS)[torch.randint(0, len(LEVELS), shape)]
+
+
+@pytest.mark.parametrize("lq, lk", [(37, 45), (32, 64), (5, 9)])
+def test_full_level_is_dense_attention(lq, lk):
+    q, k, v = _qkv(lq=lq, lk=lk)
+    out = pyramid_sparse_attention(q, k, v, _levels(q, k, fill=1), BQ, BK, scale=0.4)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.4))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("lk", [48, 45])
+def test_pooled_level_is_attention_to_group_means(factor, lk):
+    # log(f) on a pooled logit makes a group weigh as its f tokens would if each equalled the group mean;
+    # a ragged last group averages (and counts) only its real tokens.
+    q, k, v = _qkv(lk=lk)
+    group = torch.arange(lk) // factor
+    count = torch.bincount(group).to(k.dtype)
+    k_mean = torch.zeros(2, 2, int(group.max()) + 1, 8, dtype=k.dtype).index_add_(2, group, k) / count[:, None]
+    v_mean = torch.zeros(2, 2, int(group.max()) + 1, 6, dtype=v.dtype).index_add_(2, group, v) / count[:, None]
+    expected = F.scaled_dot_product_attention(q, k_mean[:, :, group], v_mean[:, :, group])
+    out = pyramid_sparse_attention(q, k, v, _levels(q, k, fill=factor), BQ, BK)
+    torch.testing.assert_close(out, expected)
+
+
+def test_gathered_form_equals_masked_form_on_mixed_levels():
+    q, k, v = _qkv()
+    levels = _levels(q, k)
+    levels[0, 1, 2] = 0  # a query block that skips everything
+    expected = pyramid_sparse_attention_masked(q, k, v, levels, BQ, BK, 0.3)
+    out = pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[0, 1, 2 * BQ : 3 * BQ], torch.zeros(BQ, 6, dtype=out.dtype))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_query_block_slabs_equal_one_pass(chunk):
+    q, k, v = _qkv()
+    levels = _levels(q, k)
+    torch.testing.assert_close(
+        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3, query_block_chunk=chunk),
+        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3, query_block_chunk=100),
+    )
+
+
+def test_all_skipped_gives_zeros():
+    q, k, v = _qkv()
+    assert torch.equal(
+        pyramid_sparse_attention(q, k, v, _levels(q, k, fill=0), BQ, BK), torch.zeros(2, 2, 37, 6).double()
+    )
+
+
+def test_gradcheck_float64():
+    # Two query blocks (one ragged) against three key blocks (the last holds one token) at every level.
+    q, k, v = _qkv(b=1, h=1, lq=9, lk=17, d=2, dv=2, grad=True)
+    levels = torch.tensor([[[[1, 2, 8], [4, 0, 1]]]])
+    assert torch.autograd.gradcheck(lambda q, k, v: pyramid_sparse_attention(q, k, v, levels, 8, 8, 0.5), (q, k, v))
+
+
+def test_float32_close_to_float64():
+    q, k, v = _qkv()
+    levels = _levels(q, k)
+    out32 = pyramid_sparse_attention(q.float(), k.float(), v.float(), levels, BQ, BK)
+    torch.testing.assert_close(out32, pyramid_sparse_attention(q, k, v, levels, BQ, BK).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = _qkv()
+    levels = _levels(q, k)
+    torch.testing.assert_close(
+        pyramid_sparse_attention(q, k, v, levels, BQ, BK),
+        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 8**-0.5),
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "q": a["q"][0]}, "expects q"),
+        (lambda a: {**a, "v": a["v"][:, :, :-1]}, "incompatible shapes"),
+        (lambda a: {**a, "k": a["k"].float()}, "share a dtype"),
+        (lambda a: {**a, "levels": a["levels"][..., :-1]}, "expects levels"),
+        (lambda a: {**a, "levels": a["levels"].float()}, "integer"),
+        (lambda a: {**a, "levels": a["levels"] * 3}, "values in"),
+        (lambda a: {**a, "block_k": 12}, "block_k"),
+        (lambda a: {**a, "block_q": 0}, "block_q"),
+    ],
+)
+def test_bad_arguments_raise_value_error(change, message):
+    q, k, v = _qkv()
+    args = dict(q=q, k=k, v=v, levels=_levels(q, k, fill=1), block_q=BQ, block_k=BK)
+    with pytest.raises(ValueError, match=message):
+        pyramid_sparse_attention(**change(args))
+
+
+def test_forced_triton_says_the_kernel_is_not_there_yet(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("ZOO_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(NotImplementedError, match="no Triton kernel yet"):
+        pyramid_sparse_attention(q, k, v, _levels(q, k, fill=1), BQ, BK)
+    monkeypatch.setenv("ZOO_KERNELS", "torch")
+    pyramid_sparse_attention(q, k, v, _levels(q, k, fill=1), BQ, BK)

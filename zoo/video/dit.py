@@ -1,0 +1,272 @@
+"""The zoo's video diffusion transformer: a class-conditional DiT on (B, C, T, H, W) video.
+
+A diffusers model (`ModelMixin` + `ConfigMixin`, so `save_pretrained` / `from_pretrained` and
+`torch_dtype` work as for diffusers' own): 3-D patch embedding (a strided Conv3d, as Wan), timestep +
+class-label conditioning (diffusers' `CombinedTimestepLabelEmbeddings`; its extra "null" label is the
+unconditional input of classifier-free guidance), DiT blocks with adaLN-zero modulation
+(Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023), 3-D rotary positions split
+over (t, h, w) as Wan splits them, or learned positions, and a self-attention that is dense SDPA or
+Pyramid Sparse Attention per config (`blocks.pyramid_sparse.VideoSelfAttention`; the two share every
+weight). It predicts the flow-matching velocity (noise - data) that `FlowMatchEulerDiscreteScheduler`
+integrates.
+
+Sizes (`VideoDiT.from_size`): "xs" and "s" train on a CPU (0.18 M and 5.5 M parameters), "b" is
+DiT-B-like (130 M), "wan-1.3b" has Wan2.1-1.3B's width, depth, heads and FFN on 16 latent channels
+(1.54 B: per-block adaLN projections and no text cross-attention, where Wan shares one and has one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, get_1d_rotary_pos_embed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from timm.layers import Mlp, trunc_normal_
+
+from blocks.pyramid_sparse import PSAConfig, VideoSelfAttention
+
+__all__ = ["VIDEO_DIT_SIZES", "VideoDiT", "VideoDiTBlock"]
+
+VIDEO_DIT_SIZES: dict[str, dict] = {
+    "xs": dict(hidden_size=64, num_layers=2, num_heads=4),
+    "s": dict(hidden_size=192, num_layers=8, num_heads=4),
+    "b": dict(hidden_size=768, num_layers=12, num_heads=12),
+    "wan-1.3b": dict(in_channels=16, hidden_size=1536, num_layers=30, num_heads=12, mlp_dim=8960),
+}
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, W, C); shift/scale: (B, C) broadcast over the token grid
+    return x * (1 + scale[:, None, None, None]) + shift[:, None, None, None]
+
+
+class VideoDiTBlock(nn.Module):
+    """DiT block with adaLN-zero on channels-last video (B, T, H, W, C): the gates start at zero."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_dim: int,
+        qk_norm: bool = True,
+        attention: str = "dense",
+        psa_config: PSAConfig | None = None,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = VideoSelfAttention(
+            hidden_size, num_heads, qk_norm=qk_norm, attention=attention, psa_config=psa_config
+        )
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_dim, act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, step: int | None
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate1[:, None, None, None] * self.attn(_modulate(self.norm1(x), shift1, scale1), rope=rope, step=step)
+        return x + gate2[:, None, None, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Class-conditional video diffusion transformer.
+
+    Args:
+        in_channels: channels of the input video / latents.
+        out_channels: channels predicted (defaults to `in_channels`).
+        patch_size: (t, h, w) patch extent of the 3-D patch embedding.
+        hidden_size: token width.
+        num_layers: DiT blocks.
+        num_heads: attention heads.
+        mlp_dim: MLP hidden width (defaults to 4 * hidden_size).
+        num_classes: class labels; with `class_dropout_prob > 0` the label `num_classes` is the
+            unconditional ("null") label used by classifier-free guidance.
+        class_dropout_prob: probability a label is replaced by the null label in training.
+        pos_embed: "rope" (3-D rotary, split over t/h/w as in Wan) or "learned" (one table per axis, summed).
+        max_grid: (T, H, W) token grid bound of the learned positions.
+        rope_theta: rotary base.
+        qk_norm: per-head RMSNorm on queries and keys.
+        attention: "dense" (SDPA) or "psa" (pyramid sparse attention).
+        psa_config: fields of `blocks.pyramid_sparse.PSAConfig` (a dict, so the config stays JSON); None
+            for the official defaults.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 256,
+        num_layers: int = 8,
+        num_heads: int = 4,
+        mlp_dim: int | None = None,
+        num_classes: int = 10,
+        class_dropout_prob: float = 0.1,
+        pos_embed: str = "rope",
+        max_grid: tuple[int, int, int] = (32, 64, 64),
+        rope_theta: float = 10000.0,
+        qk_norm: bool = True,
+        attention: str = "dense",
+        psa_config: dict | None = None,
+    ):
+        super().__init__()
+        if pos_embed not in ("rope", "learned"):
+            raise ValueError(f"pos_embed must be 'rope' or 'learned', got {pos_embed!r}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if len(patch_size) != 3 or len(max_grid) != 3:
+            raise ValueError(f"patch_size and max_grid must be (t, h, w), got {patch_size} and {max_grid}")
+        out_channels = out_channels or in_channels
+        self.out_channels = out_channels
+        self.patch = tuple(int(p) for p in patch_size)
+        head_dim = hidden_size // num_heads
+        # Wan's split of the rotary channels: equal even shares for h and w, the rest for t.
+        self.rope_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+        psa = PSAConfig(**psa_config) if psa_config is not None else None
+
+        self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch, stride=self.patch)
+        self.condition = CombinedTimestepLabelEmbeddings(num_classes, hidden_size, class_dropout_prob)
+        # Learned positions are factorised, one table per axis (summed), so they stay small at video sizes.
+        self.pos_t = self.pos_h = self.pos_w = None
+        if pos_embed == "learned":
+            self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, hidden_size)) for n in max_grid)
+        self.blocks = nn.ModuleList(
+            [
+                VideoDiTBlock(hidden_size, num_heads, mlp_dim or 4 * hidden_size, qk_norm, attention, psa)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.proj_out = nn.Linear(hidden_size, math.prod(self.patch) * out_channels)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> VideoDiT:
+        """A model of a named size ("xs", "s", "b", "wan-1.3b"), random weights; `overrides` change any config."""
+        if size not in VIDEO_DIT_SIZES:
+            raise ValueError(f"size must be one of {sorted(VIDEO_DIT_SIZES)}, got {size!r}")
+        return cls(**{**VIDEO_DIT_SIZES[size], **overrides})
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.condition.class_embedder.embedding_table.weight, std=0.02)
+        for layer in (self.condition.timestep_embedder.linear_1, self.condition.timestep_embedder.linear_2):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.pos_t is not None:
+            for table in (self.pos_t, self.pos_h, self.pos_w):
+                trunc_normal_(table, std=0.02)
+        # adaLN-zero: every residual branch and the output start at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.modulation_out[-1], self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def set_attention(self, attention: str, psa_config: PSAConfig | None = None) -> None:
+        """Switch every block between "dense" and "psa" (weights untouched; the config records it)."""
+        if psa_config is not None and not isinstance(psa_config, PSAConfig):
+            raise ValueError(f"psa_config must be a PSAConfig, got {type(psa_config).__name__}")
+        for block in self.blocks:
+            block.attn.set_attention(attention)
+            if psa_config is not None:
+                block.attn.psa.config = psa_config
+        self.register_to_config(attention=attention)
+        if psa_config is not None:
+            self.register_to_config(psa_config=psa_config.to_dict())
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = [], []
+        for dim, n, axis in zip(self.rope_dims, grid, range(3), strict=True):
+            c, s = get_1d_rotary_pos_embed(
+                dim, n, self.config.rope_theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+            )
+            shape = [1, 1, 1, dim]
+            shape[axis] = n
+            cos.append(c.view(shape).expand(*grid, dim))
+            sin.append(s.view(shape).expand(*grid, dim))
+        to = {"device": device, "dtype": torch.float32}
+        return torch.cat(cos, -1).reshape(-1, sum(self.rope_dims)).to(**to), torch.cat(sin, -1).reshape(
+            -1, sum(self.rope_dims)
+        ).to(**to)
+
+    def _check(self, hidden_states: torch.Tensor, class_labels: torch.Tensor) -> tuple[int, int, int]:
+        cfg = self.config
+        if hidden_states.dim() != 5 or hidden_states.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"VideoDiT expects hidden_states (B, {cfg.in_channels}, T, H, W), got {tuple(hidden_states.shape)}"
+            )
+        t, h, w = hidden_states.shape[2:]
+        if t % self.patch[0] or h % self.patch[1] or w % self.patch[2]:
+            raise ValueError(f"frames, height, width {(t, h, w)} must be multiples of the patch size {self.patch}")
+        grid = (t // self.patch[0], h // self.patch[1], w // self.patch[2])
+        if self.pos_t is not None and any(g > m for g, m in zip(grid, cfg.max_grid, strict=True)):
+            raise ValueError(f"token grid {grid} exceeds max_grid {tuple(cfg.max_grid)} of the learned positions")
+        if class_labels.shape != (hidden_states.shape[0],) or class_labels.dtype.is_floating_point:
+            raise ValueError(
+                f"class_labels must be {hidden_states.shape[0]} integers, got {tuple(class_labels.shape)} "
+                f"{class_labels.dtype}"
+            )
+        top = cfg.num_classes + (cfg.class_dropout_prob > 0)
+        if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= top):
+            raise ValueError(f"class_labels must lie in [0, {top}), got {class_labels.tolist()}")
+        return grid
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor,
+        denoising_step: int | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow-matching velocity.
+
+        Args:
+            hidden_states: (B, C, T, H, W) noisy video or latents; T, H, W multiples of `patch_size`.
+            timestep: (B,) or a scalar, in the scheduler's [0, 1000] range.
+            class_labels: (B,) int64 in [0, num_classes], num_classes being the null label.
+            denoising_step: index of the sampling step, for PSA's dense warm-up (`PSAConfig.warmup_steps`).
+            return_dict: return a `Transformer2DModelOutput` rather than a tuple.
+
+        Returns:
+            `sample`: (B, out_channels, T, H, W).
+        """
+        grid = self._check(hidden_states, class_labels)
+        b = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(b)
+        c = self.condition(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        x = self.patch_embed(hidden_states).permute(0, 2, 3, 4, 1)  # (B, T, H, W, C)
+        rope = None
+        if self.pos_t is not None:
+            t, h, w = grid
+            x = x + self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
+        else:
+            rope = self._rope(grid, x.device)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, rope, denoising_step)
+            else:
+                x = block(x, c, rope, denoising_step)
+        shift, scale = self.modulation_out(c).chunk(2, dim=-1)
+        x = self.proj_out(_modulate(self.norm_out(x), shift, scale))  # (B, T', H', W', pt*ph*pw*C)
+        pt, ph, pw = self.patch
+        x = x.view(b, *grid, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.reshape(b, self.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
