@@ -101,12 +101,12 @@ def _gather_blocks(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _softmax_attend(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(logits) @ v, with rows whose logits are all -inf giving zeros instead of NaN."""
-    top = logits.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
-    p = torch.exp(logits - top)
-    denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v)
-    return out / torch.where(denom > 0, denom, torch.ones_like(denom))
+    empty = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    if not empty.any():
+        return torch.matmul(torch.softmax(logits, dim=-1), v)
+    # Give empty rows finite logits (so that no NaN reaches the backward pass), then zero their output.
+    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1)
+    return torch.matmul(weights, v).masked_fill(empty, 0.0)
 
 
 def default_query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int) -> int:

@@ -125,6 +125,18 @@ def test_psa_pipeline_round_trip_keeps_the_psa_config(tmp_path):
     np.testing.assert_array_equal(_frames(loaded), first)
 
 
+def test_training_step_backpropagates_through_psa():
+    model = _model(attention="psa", psa_config=PSAConfig(warmup_steps=0, **SMALL_PSA).to_dict())
+    model.enable_gradient_checkpointing()
+    x, noise = torch.randn(2, 3, 4, 16, 16), torch.randn(2, 3, 4, 16, 16)
+    sigma = torch.tensor([0.3, 0.8]).view(2, 1, 1, 1, 1)
+    pred = model((1 - sigma) * x + sigma * noise, sigma.flatten() * 1000, torch.tensor([0, 3])).sample
+    torch.nn.functional.mse_loss(pred, noise - x).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_learned_positions_and_patch_in_time():
     pipe = _pipe(pos_embed="learned", patch_size=(2, 2, 2), max_grid=(4, 8, 8))
     assert _frames(pipe).shape == (2, 4, 16, 16, 3)
