@@ -100,12 +100,16 @@ def _gather_blocks(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_attend(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) @ v, with rows whose logits are all -inf giving zeros instead of NaN."""
+    """softmax(logits) @ v, with rows whose logits are all -inf giving zeros instead of NaN.
+
+    The softmax runs in at least float32 (as fused attention kernels accumulate), the product in v's dtype.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     empty = logits.amax(dim=-1, keepdim=True) == float("-inf")
     if not empty.any():
-        return torch.matmul(torch.softmax(logits, dim=-1), v)
+        return torch.matmul(torch.softmax(logits, dim=-1).to(v.dtype), v)
     # Give empty rows finite logits (so that no NaN reaches the backward pass), then zero their output.
-    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1)
+    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).to(v.dtype)
     return torch.matmul(weights, v).masked_fill(empty, 0.0)
 
 

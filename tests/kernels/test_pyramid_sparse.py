@@ -94,6 +94,14 @@ def test_float32_close_to_float64():
     torch.testing.assert_close(out32, pyramid_sparse_attention(q, k, v, levels, BQ, BK).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_runs_its_softmax_in_float32():
+    q, k, v = _qkv(dtype=torch.float32)
+    levels = _levels(q, k)
+    out = pyramid_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), levels, BQ, BK)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), pyramid_sparse_attention(q, k, v, levels, BQ, BK), atol=3e-2, rtol=3e-2)
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = _qkv()
     levels = _levels(q, k)
