@@ -76,7 +76,10 @@ def test_print_config_composes_model_data_and_overrides(capsys):
 @pytest.mark.parametrize(
     "whole, parts",
     [
-        ("zoo_biformer_t_digits.yaml", ("models/zoo_biformer_t.yaml", "data/digits.yaml")),
+        *(
+            (p.name, (f"models/{p.name[: -len('_digits.yaml')]}.yaml", "data/digits.yaml"))
+            for p in CONFIGS.glob("*_digits.yaml")
+        ),
         ("zoo_biformer_t_in1k.yaml", ("models/zoo_biformer_t.yaml", "data/imagenet.yaml")),
         ("zoo_biformer_s_in1k.yaml", ("models/zoo_biformer_s.yaml", "data/imagenet.yaml")),
         ("zoo_biformer_b_in1k.yaml", ("models/zoo_biformer_b.yaml", "data/imagenet.yaml")),
@@ -185,13 +188,42 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_recipe_builds(tmp_path, name):
+def test_every_recipe_builds(tmp_path, monkeypatch, name):
+    create_model = timm.create_model
+
+    def on_meta(*args, **kwargs):  # full-size ImageNet models, built without allocating their weights
+        with torch.device("meta"):
+            return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", on_meta)
     args = [f"--config={CONFIGS / name}", f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     args += ["--trainer.devices=1", "--trainer.strategy=auto"]
+    args += ["--model.ema_decay=null", "--model.ema_validate=false"]  # timm's EMA needs real weights
     if not name.endswith("_digits.yaml"):
         args.append(f"--data.root={_image_folder(tmp_path / 'data')}")
     cli = ClassificationCLI(args=args, run=False)
     assert cli.model.hparams.model_name == name.rsplit("_", 1)[0]
+    assert cli.model.model.get_classifier().out_features == cli.datamodule.num_classes
     if name.endswith("_in1k.yaml"):
         assert cli.config.data.image_size == 224
-        assert cli.config.trainer.max_epochs == 300
+        assert cli.config.trainer.max_epochs - cli.config.model.cooldown_epochs == 300
+
+
+def test_lr_scales_slow_down_the_matching_parameters(tmp_path):
+    cli = ClassificationCLI(
+        args=[
+            *TINY,
+            *SHORT,
+            "--model.lr_scales={'^stem\\.\\d+\\.weight$': 0.01}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    cli.fit()
+    stem = {id(p) for n, p in cli.model.model.named_parameters() if n.startswith("stem.") and n.endswith(".weight")}
+    groups = cli.trainer.optimizers[0].param_groups
+    scaled = [g for g in groups if g["lr_scale"] == 0.01]
+    assert {id(p) for g in scaled for p in g["params"]} == {i for i in stem}
+    full = [g for g in groups if g["lr_scale"] == 1.0]
+    assert all(g["lr"] == pytest.approx(0.01 * full[0]["lr"]) for g in scaled)
+    assert {g["weight_decay"] for g in full} == {0.0, 0.05}  # norms and biases still spared

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,9 @@ class ImageClassifier(LightningModule):
         opt_eps: optimizer epsilon; None for the optimizer's default.
         opt_betas: Adam-family betas; None for the optimizer's default.
         layer_decay: layer-wise learning-rate decay; None for none.
+        lr_scales: parameter-name regex -> learning-rate factor for the parameters it matches (first match
+            wins), e.g. `{"downsample\\.offset\\.weight": 0.01}` as LITv2 trains its offset convs; timm's
+            schedulers apply the factor at every step.
         sched: timm scheduler name ('cosine', 'step', 'multistep', 'plateau', 'poly', 'tanh', 'wsd').
         warmup_epochs: linear warm-up length in epochs (fractions allowed when the schedule steps on updates).
         warmup_lr: learning rate at the first update.
@@ -96,6 +100,7 @@ class ImageClassifier(LightningModule):
         opt_eps: float | None = None,
         opt_betas: tuple[float, float] | None = None,
         layer_decay: float | None = None,
+        lr_scales: dict[str, float] | None = None,
         sched: str = "cosine",
         warmup_epochs: float = 0.0,
         warmup_lr: float = 1e-6,
@@ -117,6 +122,8 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
         if ema_validate and ema_decay is None:
             raise ValueError("model.ema_validate needs model.ema_decay")
+        if lr_scales and layer_decay is not None:
+            raise ValueError("model.lr_scales and model.layer_decay cannot be combined")
         self.save_hyperparameters()
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"model.model_name: timm has no model {model_name!r} (after `import zoo`)")
@@ -211,7 +218,7 @@ class ImageClassifier(LightningModule):
         if h.opt_betas is not None:
             opt_kwargs["betas"] = tuple(h.opt_betas)
         optimizer = create_optimizer_v2(
-            self.model,
+            self._param_groups() if h.lr_scales else self.model,
             opt=h.opt,
             lr=h.lr,
             weight_decay=h.weight_decay,
@@ -233,6 +240,23 @@ class ImageClassifier(LightningModule):
         )
         interval = "epoch" if h.step_on_epochs else "step"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _param_groups(self) -> list[dict]:
+        """Parameter groups by (weight decay, lr scale), with timm's rule for which parameters decay."""
+        h = self.hparams
+        patterns = [(re.compile(k), float(v)) for k, v in h.lr_scales.items()]
+        skip = set(getattr(self.model, "no_weight_decay", set)())
+        groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+            scale = next((v for pattern, v in patterns if pattern.search(name)), 1.0)
+            groups.setdefault((decay, scale), []).append(param)
+        return [
+            {"params": params, "weight_decay": h.weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), params in groups.items()
+        ]
 
     def _schedule_length(self) -> tuple[int, int]:
         """(optimizer updates per epoch, epochs) of this fit, from the trainer's loaders and limits."""
