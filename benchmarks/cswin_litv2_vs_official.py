@@ -1,0 +1,419 @@
+"""CSWin and LITv2: the zoo's attention against the official attention path, and where HiLo spends its time.
+
+For every size, the zoo model runs as it is and with each attention module swapped for an anchor
+that computes what the official code computes, the way it computes it (token-sequence layout, explicit
+`q @ k^T`, softmax and `attn @ v`, the official reshapes, `.contiguous()` copies and per-window LePE).
+Both use the same weights; everything else (norms, MLPs, stems, merges) is shared, so the ratio
+isolates the attention path. The anchors are written here from reading microsoft/CSWin-Transformer
+`models/cswin.py` (`LePEAttention`, `CSWinBlock`) and ziplab/LITv2 `classification/models/attentions.py`
+(`HiLo`); before timing, each anchor model's logits are checked against the zoo model's.
+
+Measured: CPU inference (eval, no grad), batch 8, 224 x 224, 2 threads, fp32: images/s (both models in
+one fresh process, called alternately) and the peak resident memory of one call above the level after
+setup (each in a fresh process). Then a profile of LITv2-S (which HiLo path, ConvFFN and token merging
+take the time) and a micro-benchmark of one HiLo layer split into its parts.
+
+Usage: flock /tmp/bench.lock python benchmarks/cswin_litv2_vs_official.py [--sizes cswin_t litv2_s] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import measure_in_subprocess, write_section  # noqa: E402
+
+MODELS = ("cswin_t", "cswin_s", "cswin_b", "cswin_l", "litv2_s", "litv2_m", "litv2_b")
+
+
+class OfficialCSWinAttention(nn.Module):
+    """The official `CSWinBlock` attention path (qkv, two `LePEAttention` branches, proj) over zoo weights.
+
+    Works on the (B, L, C) token sequence the way the official code does: q, k, v are sliced per branch,
+    turned back into (B, C, H, W) images, cut into stripes with `.contiguous()` copies, LePE runs per
+    stripe, and attention is an explicit scaled `q @ k^T`, softmax and `@ v`.
+    """
+
+    def __init__(self, zoo_attn: nn.Module):
+        super().__init__()
+        self.zoo = zoo_attn
+
+    @staticmethod
+    def _to_windows(x: torch.Tensor, h_sp: int, w_sp: int) -> torch.Tensor:
+        # (B, C, H, W) -> (B * nW, h_sp * w_sp, C)
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // h_sp, h_sp, w // w_sp, w_sp).permute(0, 2, 4, 3, 5, 1).contiguous()
+        return x.reshape(-1, h_sp * w_sp, c)
+
+    def _branch(self, q, k, v, h, w, h_sp, w_sp, heads, lepe_conv):
+        b, _, c = q.shape
+        scale = self.zoo.scale
+
+        def image(t):
+            return t.transpose(-2, -1).contiguous().view(b, c, h, w)
+
+        def split_heads(t):
+            return t.reshape(-1, h_sp * w_sp, heads, c // heads).permute(0, 2, 1, 3).contiguous()
+
+        q = split_heads(self._to_windows(image(q), h_sp, w_sp))
+        k = split_heads(self._to_windows(image(k), h_sp, w_sp))
+        v_img = image(v).view(b, c, h // h_sp, h_sp, w // w_sp, w_sp)
+        v_img = v_img.permute(0, 2, 4, 1, 3, 5).contiguous().reshape(-1, c, h_sp, w_sp)
+        lepe = lepe_conv(v_img).reshape(-1, heads, c // heads, h_sp * w_sp).permute(0, 1, 3, 2).contiguous()
+        v = v_img.reshape(-1, heads, c // heads, h_sp * w_sp).permute(0, 1, 3, 2).contiguous()
+        attn = (q * scale) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v + lepe).transpose(1, 2).reshape(-1, h_sp * w_sp, c)
+        out = out.view(b, h // h_sp, w // w_sp, h_sp, w_sp, c).permute(0, 1, 3, 2, 4, 5).contiguous()
+        return out.view(b, -1, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        zoo = self.zoo
+        qkv = zoo.qkv(x.reshape(b, h * w, c)).reshape(b, -1, 3, c).permute(2, 0, 1, 3)
+        if zoo.full_attention:
+            out = self._branch(qkv[0], qkv[1], qkv[2], h, w, h, w, zoo.num_heads, zoo.lepe[0])
+        else:
+            half, sw, heads = c // 2, zoo.split_size, zoo.num_heads // 2
+            parts = qkv[..., :half], qkv[..., half:]
+            x1 = self._branch(parts[0][0], parts[0][1], parts[0][2], h, w, h, sw, heads, zoo.lepe[0])
+            x2 = self._branch(parts[1][0], parts[1][1], parts[1][2], h, w, sw, w, heads, zoo.lepe[1])
+            out = torch.cat([x1, x2], dim=2)
+        return zoo.proj(out).view(b, h, w, c)
+
+
+class OfficialHiLo(nn.Module):
+    """The official `HiLo.forward` over zoo weights: explicit matmul attention, `AvgPool2d`, official reshapes."""
+
+    def __init__(self, zoo_attn: nn.Module):
+        super().__init__()
+        self.zoo = zoo_attn
+        if zoo_attn.window_size > 1:
+            self.sr = nn.AvgPool2d(zoo_attn.window_size, zoo_attn.window_size)
+
+    def hifi(self, x: torch.Tensor) -> torch.Tensor:
+        zoo = self.zoo
+        b, h, w, c = x.shape
+        ws, heads, dim = zoo.window_size, zoo.hi_heads, zoo.hi_dim
+        hg, wg = h // ws, w // ws
+        x = x.reshape(b, hg, ws, wg, ws, c).transpose(2, 3)
+        qkv = zoo.hi_qkv(x).reshape(b, hg * wg, -1, 3, heads, dim // heads).permute(3, 0, 1, 4, 2, 5)
+        attn = (qkv[0] @ qkv[1].transpose(-2, -1)) * zoo.scale
+        attn = (attn.softmax(dim=-1) @ qkv[2]).transpose(2, 3).reshape(b, hg, wg, ws, ws, dim)
+        return zoo.hi_proj(attn.transpose(2, 3).reshape(b, hg * ws, wg * ws, dim))
+
+    def lofi(self, x: torch.Tensor) -> torch.Tensor:
+        zoo = self.zoo
+        b, h, w, c = x.shape
+        heads, dim = zoo.lo_heads, zoo.lo_dim
+        q = zoo.lo_q(x).reshape(b, h * w, heads, dim // heads).permute(0, 2, 1, 3)
+        if zoo.window_size > 1:
+            pooled = self.sr(x.permute(0, 3, 1, 2)).reshape(b, c, -1).permute(0, 2, 1)
+            kv = zoo.lo_kv(pooled).reshape(b, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        else:
+            kv = zoo.lo_kv(x).reshape(b, -1, 2, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ kv[0].transpose(-2, -1)) * zoo.scale).softmax(dim=-1)
+        return zoo.lo_proj((attn @ kv[1]).transpose(1, 2).reshape(b, h, w, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The official classifier reshapes (B, N, C) to (B, H, W, C): the same memory as ours.
+        if self.zoo.hi_heads == 0:
+            return self.lofi(x)
+        if self.zoo.lo_heads == 0:
+            return self.hifi(x)
+        return torch.cat((self.hifi(x), self.lofi(x)), dim=-1)
+
+
+def _swap_attention(model: nn.Module) -> nn.Module:
+    from blocks.cross_shaped import CrossShapedWindowAttention
+    from blocks.hilo import HiLoAttention
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, CrossShapedWindowAttention):
+                setattr(module, name, OfficialCSWinAttention(child))
+            elif isinstance(child, HiLoAttention):
+                setattr(module, name, OfficialHiLo(child))
+    return model
+
+
+def _build(name: str, impl: str) -> nn.Module:
+    import timm
+
+    import zoo  # noqa: F401  (registers zoo_*)
+
+    torch.manual_seed(0)
+    model = timm.create_model(f"zoo_{name}").eval()
+    return _swap_attention(model) if impl == "official" else model
+
+
+def _reset_peak_rss() -> None:
+    # The harness reports the process's peak RSS minus the RSS after setup; building a model peaks above
+    # what one forward adds, so both implementations would report the build. Linux can reset the peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _setup(name: str, impl: str, batch: int = 8, size: int = 224):
+    """Build the model in the child process; return the inference call to time."""
+    model = _build(name, impl)
+    x = torch.randn(batch, 3, size, size)
+    _reset_peak_rss()
+
+    def infer():
+        with torch.no_grad():
+            return model(x)
+
+    return infer
+
+
+def _interleaved_child(name: str, batch: int, threads: int, rounds: int, cpu_clock: bool, queue) -> None:
+    torch.set_num_threads(threads)
+    clock = time.process_time if cpu_clock else time.perf_counter
+    calls = {impl: _setup(name, impl, batch) for impl in ("official", "zoo")}
+    times: dict[str, list[float]] = {impl: [] for impl in calls}
+    for i in range(rounds + 1):  # the first round warms up
+        for impl, fn in calls.items():
+            start = clock()
+            fn()
+            if i:
+                times[impl].append(clock() - start)
+    queue.put(times)
+
+
+def time_interleaved(name: str, batch: int, threads: int, rounds: int, cpu_clock: bool = False) -> dict[str, list]:
+    """Seconds per call of both implementations, built in one fresh process and called alternately.
+
+    Alternating the calls exposes both to the same machine load, so the per-round ratios stay
+    meaningful on a shared machine where absolute times drift. With `cpu_clock` the process's CPU time
+    is measured instead of wall time (meaningful with one thread: it ignores time spent descheduled).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_interleaved_child, args=(name, batch, threads, rounds, cpu_clock, queue))
+    proc.start()
+    times = queue.get()
+    proc.join()
+    return times
+
+
+def _check_equal(name: str) -> float:
+    """Relative max difference between the zoo model's logits and the anchor's (same weights)."""
+    ours = _build(name, "zoo")
+    anchor = _build(name, "official")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = ours(x), anchor(x)
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _profile_litv2(name: str = "litv2_s", batch: int = 8) -> list[tuple[str, float]]:
+    """Share of LITv2 inference time per part: HiLo's two paths, ConvFFN, token merging, the rest."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from blocks.hilo import ConvFFN, DeformableTokenMerging, HiLoAttention
+
+    model = _build(name, "zoo")
+
+    def labelled(fn, label):
+        def run(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+
+        return run
+
+    for m in model.modules():
+        if isinstance(m, HiLoAttention):
+            if m.hi_heads:
+                m.high_frequency = labelled(m.high_frequency, "hilo.hi")
+            if m.lo_heads:
+                label = "hilo.lo (s=1: plain MHSA)" if m.window_size == 1 else "hilo.lo"
+                m.low_frequency = labelled(m.low_frequency, label)
+        elif isinstance(m, ConvFFN | DeformableTokenMerging):
+            m.forward = labelled(m.forward, "convffn" if isinstance(m, ConvFFN) else "token merging")
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+        total_ms = (time.perf_counter() - start) * 1e3
+    parts = {}
+    for event in prof.key_averages():
+        if event.key.startswith(("hilo.", "convffn", "token merging")):
+            parts[event.key] = event.cpu_time_total / 1e3
+    parts["everything else (stem, norms, residuals, head)"] = total_ms - sum(parts.values())
+    return [(k, v / total_ms) for k, v in parts.items()] + [("total ms (profiled)", total_ms)]
+
+
+def _best_cpu_seconds(fn, calls: int = 20, warmup: int = 3) -> float:
+    # Process CPU time of the cheapest of many calls: on one thread it ignores time spent descheduled.
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(calls):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def _hilo_parts(batch: int = 8, threads: int = 1) -> list[tuple[str, float]]:
+    """CPU milliseconds of LITv2-S's stage-3 HiLo (14 x 14 x 384, 12 heads, s = 2, 10 Lo-Fi heads) by part."""
+    from blocks.hilo import HiLoAttention
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    attn = HiLoAttention(384, 12, window_size=2, alpha=0.9).eval()
+    x = torch.randn(batch, 14, 14, 384)
+    b, h, w, _ = x.shape
+    heads, d = attn.lo_heads, attn.lo_dim // attn.lo_heads
+    q = attn.lo_q(x).reshape(b, h * w, heads, d).transpose(1, 2)
+    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    kv = attn.lo_kv(pooled).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
+    kv_full = attn.lo_kv(x).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1]).transpose(1, 2).reshape(b, h, w, -1)
+    calls = {
+        "whole HiLo layer": lambda: attn(x),
+        "Hi-Fi path (2 heads, 2 x 2 windows)": lambda: attn.high_frequency(x),
+        "Lo-Fi path (10 heads, 49 pooled keys)": lambda: attn.low_frequency(x),
+        "  Lo-Fi q projection (196 tokens)": lambda: attn.lo_q(x),
+        "  Lo-Fi pool + kv projection (49 tokens)": lambda: attn.lo_kv(
+            F.avg_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        ),
+        "  Lo-Fi attention, 196 queries x 49 pooled keys": lambda: F.scaled_dot_product_attention(q, kv[0], kv[1]),
+        "  Lo-Fi output projection": lambda: attn.lo_proj(out),
+        "  (for scale) Lo-Fi attention without pooling, 196 x 196 keys": lambda: F.scaled_dot_product_attention(
+            q, kv_full[0], kv_full[1]
+        ),
+        "  (for scale) kv projection without pooling (196 tokens)": lambda: attn.lo_kv(x),
+    }
+    rows = []
+    with torch.no_grad():
+        for label, fn in calls.items():
+            rows.append((label, _best_cpu_seconds(fn) * 1e3))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls of each implementation")
+    parser.add_argument("--cpu-rounds", type=int, default=3, help="timed single-thread calls for the CPU-time ratio")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    rows = []
+    for name in args.sizes:
+        rel = _check_equal(name)
+        if rel > 1e-4:
+            raise SystemExit(f"{name}: the anchor's logits differ from the zoo model's (relative {rel:.1e})")
+        peaks = {}
+        for impl in ("official", "zoo"):
+            # One call after setup gives the peak; timing is done below, interleaved.
+            setup = functools.partial(_setup, name, impl, args.batch)
+            peaks[impl] = measure_in_subprocess(setup, threads=args.threads, warmup=0, iters=1)[1]
+        times = time_interleaved(name, args.batch, args.threads, args.rounds)
+        speedup = statistics.median(o / z for o, z in zip(times["official"], times["zoo"], strict=True))
+        o_ips, z_ips = (args.batch / statistics.median(times[impl]) for impl in ("official", "zoo"))
+        cpu = time_interleaved(name, args.batch, 1, args.cpu_rounds, cpu_clock=True)
+        cpu_speedup = statistics.median(cpu["official"]) / statistics.median(cpu["zoo"])
+        o_mem, z_mem = peaks["official"], peaks["zoo"]
+        print(
+            f"zoo_{name:10s} official {o_ips:6.2f} img/s {o_mem:7.1f} MiB | zoo {z_ips:6.2f} img/s {z_mem:7.1f} MiB"
+            f" | speed x{speedup:.2f}, 1-thread CPU time x{cpu_speedup:.2f}",
+            flush=True,
+        )
+        rows.append(
+            f"| `zoo_{name}` | {o_ips:.2f} | {z_ips:.2f} | **{speedup:.2f}x** | {cpu_speedup:.2f}x "
+            f"| {o_mem:.0f} | {z_mem:.0f} | {z_mem / max(o_mem, 1e-9):.2f} | {rel:.1e} |"
+        )
+    table = "\n".join(
+        [
+            "| model | official-path img/s | zoo img/s | speed (zoo / official) | 1-thread CPU time ratio "
+            "| official-path peak MiB | zoo peak MiB | memory ratio | logits rel. diff |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+
+    # The breakdowns run on one thread: with two, waits for a descheduled thread on this shared machine
+    # would be booked to whichever op happened to be running.
+    torch.set_num_threads(1)
+    profile_rows = _profile_litv2(batch=args.batch)
+    total = profile_rows.pop()[1]
+    profile_table = "\n".join(
+        ["| part of `zoo_litv2_s` | share of inference time |", "|---|---|"]
+        + [f"| {k} | {v * 100:.1f}% |" for k, v in profile_rows]
+    )
+    print(profile_table, f"(profiled forward: {total:.0f} ms)")
+    parts = _hilo_parts(batch=args.batch, threads=1)
+    parts_table = "\n".join(
+        ["| HiLo layer part (batch 8, 14 x 14 x 384) | ms |", "|---|---|"]
+        + [f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | {v:.2f} |" for k, v in parts]
+    )
+    print(parts_table)
+    if not args.no_write:
+        markdown = _NOTES.format(
+            load=f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+            rounds=args.rounds,
+            batch=args.batch,
+            threads=args.threads,
+            table=table,
+            profile=profile_table,
+            total=total,
+            parts=parts_table,
+        )
+        write_section("cswin_litv2_vs_official", markdown, title=_TITLE)
+
+
+_TITLE = "CSWin and LITv2 (HiLo): zoo attention vs the official attention path (CPU)"
+_NOTES = """\
+Each zoo model against itself with every attention module replaced by an anchor that computes the
+official attention path the official way (explicit `q @ k^T`, softmax, `@ v`, the official reshapes
+and `.contiguous()` copies, per-stripe LePE for CSWin, `AvgPool2d` for HiLo), same weights, everything
+else shared. Inference, batch {batch}, 224 x 224, {threads} threads, fp32. Speed: both models built in one
+fresh process and called alternately, {rounds} timed rounds after a warm-up round; img/s from the median
+call, the speed ratio is the median of the per-round ratios (robust to the load of this shared machine:
+load average {load}). The CPU-time ratio repeats the comparison on one thread, timing the process's
+CPU time rather than the wall clock, which other processes on the machine do not distort. Peak memory:
+the resident-set growth of one call over the level after building (each in a fresh process). The last
+column checks that the anchor computes the same function (relative max difference of the logits).
+
+{table}
+
+Where `zoo_litv2_s` spends its inference time (torch.profiler, one batch-{batch} forward on one thread,
+{total:.0f} ms under the profiler). Stage 3 uses HiLo with s = 2 (Hi-Fi + Lo-Fi), stage 4 s = 1, where
+HiLo is all Lo-Fi over unpooled keys, i.e. plain multi-head attention; stages 1-2 have no attention.
+
+{profile}
+
+One stage-3 HiLo layer of `zoo_litv2_s`, by part (one thread, CPU ms of the cheapest of 20 calls; parts
+of the Lo-Fi path indented, with the unpooled alternatives for scale):
+
+{parts}
+"""
+
+
+if __name__ == "__main__":
+    main()
