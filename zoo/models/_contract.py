@@ -7,10 +7,12 @@ import os
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 
 from ..checkpoint import load_state_dict_file
 
-__all__ = ["check_image_input", "load_pretrained_file_safely", "strict_key_check"]
+__all__ = ["StagedBackbone", "check_image_input", "load_pretrained_file_safely", "strict_key_check"]
 
 
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
@@ -77,3 +79,124 @@ def strict_key_check(state_dict: dict[str, torch.Tensor], model: nn.Module, clas
     ]
     if wrong:
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape, first: {wrong[:4]}")
+
+
+class StagedBackbone(nn.Module):
+    """timm's model contract for the zoo's four-stage backbones, written once.
+
+    A subclass builds `stem`, `stages` (an nn.Sequential whose stages carry a `grad_checkpointing`
+    flag), `norm` (the final norm, applied in `stage_format`), `head` (timm's `ClassifierHead`, NCHW),
+    `feature_info`, `in_chans` and `min_input_size`, and sets `stage_format` to the layout its stages
+    return: "NCHW" or "NHWC" (channels-last).
+    """
+
+    stage_format = "NCHW"
+    grad_checkpointing = False
+
+    def _to_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
+        if fmt == self.stage_format:
+            return x
+        return x.permute(0, 3, 1, 2) if self.stage_format == "NHWC" else x.permute(0, 2, 3, 1)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # No position tables or tokens; timm's optimizer factory already spares norms and biases.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        if coarse:
+            return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+        return dict(
+            stem=r"^stem",
+            blocks=[
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs, (B, C_i, H_i, W_i) each at stride `feature_info[i]["reduction"]`, as timm defines the call.
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: last n stages if int, all if None, else the stage indices to return.
+            norm: apply the final norm to the last stage's map.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: return only the list of stage outputs.
+
+        Returns:
+            The list of stage outputs, or (final features as `forward_features` returns them, the list).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, self.min_input_size)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                x_out = self.norm(x) if norm and i == last_idx else x
+                intermediates.append(self._to_format(x_out, output_fmt))
+        if intermediates_only:
+            return intermediates
+        if i == last_idx:
+            x = self.norm(x)
+        return self._to_format(x, "NCHW"), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and norm/head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        truncated = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or truncated:
+            self.norm = nn.Identity()
+        if prune_head or truncated:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C4, H / 32, W / 32) after the final norm."""
+        check_image_input(x, self.in_chans, self.min_input_size)
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self._to_format(self.norm(x), "NCHW")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: (B, C4, h, w) -> logits (B, num_classes), or pooled features (B, C4) if pre_logits."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
