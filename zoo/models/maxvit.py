@@ -1,0 +1,462 @@
+"""MaxViT: Multi-Axis Vision Transformer.
+
+Tu et al., ECCV 2022 (arXiv:2204.01697); official code and weights (TensorFlow):
+github.com/google-research/maxvit.
+
+A two-conv stem (stride 2), then four stages of MaxViT blocks (MBConv, block attention, grid
+attention; the first block of each stage halves the map), global average pooling, LayerNorm, a
+tanh pre-logits layer and the classifier. Sizes follow the official `hp/vision.py`; numerics follow
+the official TensorFlow code (TF 'same' padding of strided convs and pools, BatchNorm epsilon 1e-3,
+tanh-approximate GELU, per-head relative position bias).
+
+Weights: `pretrained=True, pretrained_cfg_overlay=dict(file=PATH)` takes either
+
+- timm's port of the official weights (`maxvit_tiny_tf_224`, `maxvit_small_tf_224`, ... state dicts,
+  `.safetensors`/`.pth`/`.bin`); this model's keys are timm's, so these load as they are; or
+- the official release, converted from TensorFlow's checkpoint format (which PyTorch cannot read) into
+  a flat mapping from TF variable names to arrays, saved as `.npz`, `.safetensors` or `.pth`, e.g.::
+
+      reader = tf.train.load_checkpoint("gs://gresearch/maxvit/ckpts/maxvittiny/i1k/224")
+      np.savez("maxvit_t.npz", **{n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()})
+
+  Names are those the official graph creates, `maxvit/stem/conv_0/kernel`,
+  `maxvit/block_00_00/mbconv/expand_conv/kernel`, `maxvit/block_00_00/attention/q/weight`, ... (see
+  `official_name`); where a variable has an `/ExponentialMovingAverage` copy, that copy is used, as
+  the official evaluation does. Optimizer slots and `global_step` are ignored.
+
+The layout is detected from the keys. Any input of at least 32 x 32 works: stage maps whose sides do
+not divide by the window or grid are padded and the padded keys masked (see `blocks.multi_axis`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, NormMlpClassifierHead
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+
+from blocks.multi_axis import MaxViTBlock, TfSameConv2d, conv_bn_gelu
+
+from ._contract import StagedBackbone, load_pretrained_file_safely, strict_key_check
+
+__all__ = ["MaxViT", "checkpoint_filter_fn", "official_name"]
+
+
+class MaxViTStem(nn.Module):
+    """3x3 conv (stride 2, TF 'same'), BN, GELU, 3x3 conv; x: (B, C_in, H, W) -> (B, H / 2, W / 2, C)."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.conv1 = TfSameConv2d(in_chans, dim, 3, stride=2, **dd)
+        self.norm1 = nn.BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, **dd)
+        self.conv2 = TfSameConv2d(dim, dim, 3, stride=1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last from the start: every conv then runs on NHWC memory and the (B, H, W, C) views
+        # the blocks take cost nothing.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.conv2(conv_bn_gelu(self.conv1, self.norm1, x)).permute(0, 2, 3, 1)
+
+
+class MaxViTStage(nn.Module):
+    """MaxViT blocks, the first with stride 2; takes and returns (B, H, W, C)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        drop_path: Sequence[float] = (),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **block_args,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(
+            *[
+                MaxViTBlock(
+                    in_dim if i == 0 else dim,
+                    dim,
+                    stride=2 if i == 0 else 1,
+                    drop_path=drop_path[i] if drop_path else 0.0,
+                    device=device,
+                    dtype=dtype,
+                    **block_args,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class MaxViT(StagedBackbone):
+    """MaxViT backbone and classifier with timm's model interface (`StagedBackbone`).
+
+    Stages run channels-last; `forward_intermediates` index i is stage i (timm's own MaxViT counts the
+    stem as intermediate 0).
+
+    Args:
+        depths: blocks per stage.
+        embed_dims: channels per stage.
+        stem_width: channels of the stem.
+        head_dim: channels per attention head.
+        window_size: block-attention window P (7 at 224 x 224).
+        grid_size: grid-attention grid G (7 at 224 x 224).
+        mlp_ratio: MLP hidden width / channels.
+        expand_ratio: MBConv hidden width / channels.
+        se_ratio: squeeze-excitation bottleneck / channels.
+        in_chans: input channels.
+        num_classes: classifier outputs (0 for none).
+        global_pool: pooling type of the head ('avg' as in the paper).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth; block k of n drops with rate * k / n, as the official code.
+        attn_drop_rate: dropout on attention weights.
+        proj_drop_rate: dropout after attention projections and MLPs.
+    """
+
+    stage_format = "NHWC"
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 5, 2),
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        stem_width: int = 64,
+        head_dim: int = 32,
+        window_size: int | tuple[int, int] = 7,
+        grid_size: int | tuple[int, int] = 7,
+        mlp_ratio: float = 4.0,
+        expand_ratio: float = 4.0,
+        se_ratio: float = 0.25,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if len(depths) != len(embed_dims):
+            raise ValueError(f"depths and embed_dims must have equal length, got {len(depths)} and {len(embed_dims)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.min_input_size = 32
+        self.stem = MaxViTStem(in_chans, stem_width, **dd)
+        total = sum(depths)
+        rates = [drop_path_rate * k / total for k in range(total)]
+        stages, self.feature_info = [], []
+        in_dim, start = stem_width, 0
+        for i, (depth, dim) in enumerate(zip(depths, embed_dims, strict=True)):
+            stages.append(
+                MaxViTStage(
+                    in_dim,
+                    dim,
+                    depth,
+                    drop_path=rates[start : start + depth],
+                    window_size=window_size,
+                    grid_size=grid_size,
+                    head_dim=head_dim,
+                    mlp_ratio=mlp_ratio,
+                    expand_ratio=expand_ratio,
+                    se_ratio=se_ratio,
+                    attn_drop=attn_drop_rate,
+                    proj_drop=proj_drop_rate,
+                    **dd,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
+            in_dim, start = dim, start + depth
+        self.stages = nn.Sequential(*stages)
+        self.num_features = embed_dims[-1]
+        # Pooling, LayerNorm, tanh pre-logits layer and classifier: the official head.
+        self.norm = nn.Identity()
+        self.head = NormMlpClassifierHead(
+            self.num_features,
+            num_classes,
+            hidden_size=self.num_features,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-5),
+            **dd,
+        )
+        self.head_hidden_size = self.head.num_features
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # The official initializers: normal(0.02) kernels and relative biases (set in the block), zero biases.
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official (TensorFlow) checkpoints.
+
+_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+_LN = {"weight": "gamma", "bias": "beta"}
+_CONV = {"weight": "kernel", "bias": "bias"}
+_DENSE = {"weight": "weight", "bias": "bias"}
+# Our module path inside a block -> (official layer path, parameter-name table, tensor conversion).
+_BLOCK_LAYERS = {
+    "conv.pre_norm": ("mbconv/pre_norm", _BN, None),
+    "conv.conv1_1x1": ("mbconv/expand_conv", _CONV, "conv"),
+    "conv.norm1": ("mbconv/expand_norm", _BN, None),
+    "conv.conv2_kxk": ("mbconv/depthwise_conv", {"weight": "depthwise_kernel"}, "depthwise"),
+    "conv.norm2": ("mbconv/depthwise_norm", _BN, None),
+    "conv.se.fc1": ("mbconv/se/reduce_conv2d", _CONV, "conv"),
+    "conv.se.fc2": ("mbconv/se/expand_conv2d", _CONV, "conv"),
+    "conv.conv3_1x1": ("mbconv/shrink_conv", _CONV, "conv"),
+    "conv.shortcut.expand": ("mbconv/shortcut_conv", _CONV, "conv"),
+}
+for _ours, _suffix in (("attn_block", ""), ("attn_grid", "_1")):
+    _BLOCK_LAYERS.update(
+        {
+            f"{_ours}.norm1": (f"attn_layer_norm{_suffix}", _LN, None),
+            f"{_ours}.attn.qkv": (f"attention{_suffix}", _DENSE, "qkv"),
+            f"{_ours}.attn.rel_pos": (f"attention{_suffix}", {"relative_position_bias_table": "relative_bias"}, None),
+            f"{_ours}.attn.proj": (f"attention{_suffix}/o", _DENSE, "out"),
+            f"{_ours}.norm2": (f"ffn_layer_norm{_suffix}", _LN, None),
+            f"{_ours}.mlp.fc1": (f"ffn{_suffix}/expand_dense", _DENSE, "dense"),
+            f"{_ours}.mlp.fc2": (f"ffn{_suffix}/shrink_dense", _DENSE, "dense"),
+        }
+    )
+_TOP_LAYERS = {
+    "stem.conv1": ("stem/conv_0", _CONV, "conv"),
+    "stem.norm1": ("stem/norm_0", _BN, None),
+    "stem.conv2": ("stem/conv_1", _CONV, "conv"),
+    "head.norm": ("final_layer_norm", _LN, None),
+    "head.pre_logits.fc": ("cls_head/inner_dense", _DENSE, "dense"),
+    "head.fc": ("cls_head/logit_dense", _DENSE, "dense"),
+}
+_OFFICIAL_VARIABLES = {"kernel", "depthwise_kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance"}
+_OFFICIAL_VARIABLES |= {"weight", "relative_bias"}
+_EMA = "/ExponentialMovingAverage"
+
+
+def official_name(key: str) -> tuple[str, str | None] | None:
+    """The official TF variable name of one of our state-dict keys, and how its tensor converts.
+
+    Returns None for keys the official checkpoint has no variable for (BatchNorm's `num_batches_tracked`).
+    For the fused q/k/v projection the name returned is the layer (`.../attention`), whose `q`, `k`, `v`
+    sub-layers hold the parts.
+    """
+    module, _, param = key.rpartition(".")
+    if param == "num_batches_tracked":
+        return None
+    match = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", module)
+    if match:
+        prefix, layers, module = f"maxvit/block_{int(match[1]):02d}_{int(match[2]):02d}/", _BLOCK_LAYERS, match[3]
+    else:
+        prefix, layers = "maxvit/", _TOP_LAYERS
+    if module not in layers or param not in layers[module][1]:
+        raise KeyError(f"no official MaxViT variable corresponds to {key!r}")
+    path, names, kind = layers[module]
+    if kind == "qkv":
+        return f"{prefix}{path}", f"qkv_{param}"
+    return f"{prefix}{path}/{names[param]}", kind if param == "weight" else None
+
+
+def _convert(value: torch.Tensor, kind: str | None) -> torch.Tensor:
+    if kind == "conv":  # (kh, kw, C_in, C_out) -> (C_out, C_in, kh, kw)
+        return value.permute(3, 2, 0, 1)
+    if kind == "depthwise":  # (kh, kw, C, 1) -> (C, 1, kh, kw)
+        return value.permute(2, 3, 0, 1)
+    if kind == "dense":  # (C_in, C_out) -> (C_out, C_in)
+        return value.t()
+    if kind == "out":  # the output projection's (heads, head_dim, C) -> (C, heads * head_dim)
+        return value.flatten(0, 1).t()
+    return value
+
+
+def _from_official(state_dict: dict[str, torch.Tensor], model: MaxViT) -> dict[str, torch.Tensor]:
+    tf = {k.removesuffix(":0"): torch.as_tensor(v) for k, v in state_dict.items()}
+
+    def take(name: str) -> torch.Tensor | None:
+        used.update((name, name + _EMA))
+        return tf.get(name + _EMA, tf.get(name))
+
+    used: set[str] = set()
+    converted, missing = {}, []
+    for key, ref in model.state_dict().items():
+        found = official_name(key)
+        if found is None:
+            converted[key] = torch.zeros_like(ref, device="cpu")
+            continue
+        name, kind = found
+        if kind in ("qkv_weight", "qkv_bias"):
+            leaf = "weight" if kind == "qkv_weight" else "bias"
+            parts = [take(f"{name}/{p}/{leaf}") for p in "qkv"]
+            if any(p is None for p in parts):
+                missing.append(f"{name}/{{q,k,v}}/{leaf}")
+                continue
+            # (C, heads, head_dim) kernels -> rows ordered (q|k|v, head, head_dim) of a (3C, C) weight.
+            converted[key] = torch.cat([p.flatten(-2).t() if leaf == "weight" else p.flatten() for p in parts])
+            continue
+        value = take(name)
+        if value is None:
+            missing.append(name)
+            continue
+        converted[key] = _convert(value, kind)
+    left = sorted(
+        k
+        for k in tf
+        if k.startswith("maxvit/") and k not in used and k.removesuffix(_EMA).rsplit("/", 1)[-1] in _OFFICIAL_VARIABLES
+    )
+    if missing or left:
+        raise KeyError(
+            f"official MaxViT checkpoint does not match {type(model).__name__}: "
+            f"{len(missing)} missing variables {missing[:8]}, {len(left)} unexpected variables {left[:8]}"
+        )
+    return converted
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MaxViT) -> dict[str, torch.Tensor]:
+    """Convert an official (TF-named) or timm MaxViT state dict to this model's keys, strictly.
+
+    The layout is detected from the keys: official variable names start with `maxvit/`; timm's keys
+    are this model's own.
+
+    Raises:
+        KeyError: naming the keys (or official variables) the model needs but the checkpoint lacks, or
+            the checkpoint's keys the model has no place for.
+        ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
+    """
+    if any(k.startswith("maxvit/") for k in state_dict):
+        converted, source = _from_official(state_dict, model), "official MaxViT checkpoint"
+    else:
+        converted, source = dict(state_dict), "MaxViT checkpoint"
+    strict_key_check(converted, model, classifier="head.fc", source=source)
+    return converted
+
+
+def _load_npz(kwargs: dict) -> dict:
+    # NumPy archives (the natural export of a TF checkpoint) are read without pickle.
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    path = overlay.get("file")
+    if not path or not str(path).endswith(".npz"):
+        return kwargs
+    with np.load(path, allow_pickle=False) as archive:
+        overlay["state_dict"] = {k: torch.from_numpy(archive[k].copy()) for k in archive.files}
+    overlay.pop("file")
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxViT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    if pretrained:
+        kwargs = _load_npz(kwargs)
+    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("state_dict", "model"))
+    return build_model_with_cfg(
+        MaxViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "min_input_size": (3, 32, 32),
+        "pool_size": (7, 7),
+        "crop_pct": 0.95,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "paper_ids": "arXiv:2204.01697",
+        "paper_name": "MaxViT: Multi-Axis Vision Transformer",
+        "origin_url": "https://github.com/google-research/maxvit",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# The official weights are TensorFlow checkpoints (gs://gresearch/maxvit/ckpts/...), which PyTorch cannot
+# read; the download URL is timm's conversion of those same weights. ImageNet-1k top-1 from the paper.
+_TIMM_HUB = "https://huggingface.co/timm/{}/resolve/main/pytorch_model.bin"
+_OFFICIAL = "official TensorFlow checkpoint: gs://gresearch/maxvit/ckpts/{}/i1k/224"
+
+default_cfgs = generate_default_cfgs(
+    {
+        "zoo_maxvit_t.in1k": _cfg(
+            url=_TIMM_HUB.format("maxvit_tiny_tf_224.in1k"),
+            notes=("ImageNet-1k top-1 83.62 (paper)", _OFFICIAL.format("maxvittiny")),
+        ),
+        "zoo_maxvit_s.in1k": _cfg(
+            url=_TIMM_HUB.format("maxvit_small_tf_224.in1k"),
+            notes=("ImageNet-1k top-1 84.45 (paper)", _OFFICIAL.format("maxvitsmall")),
+        ),
+        "zoo_maxvit_b.in1k": _cfg(
+            url=_TIMM_HUB.format("maxvit_base_tf_224.in1k"),
+            notes=("ImageNet-1k top-1 84.95 (paper)", _OFFICIAL.format("maxvitbase")),
+        ),
+        "zoo_maxvit_l.in1k": _cfg(
+            url=_TIMM_HUB.format("maxvit_large_tf_224.in1k"),
+            notes=("ImageNet-1k top-1 85.17 (paper)", _OFFICIAL.format("maxvitlarge")),
+        ),
+    }
+)
+
+
+@register_model
+def zoo_maxvit_t(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-T: 30.9 M parameters, 5.6 GFLOPs, 83.62% ImageNet-1k top-1."""
+    model_args = dict(depths=(2, 2, 5, 2), embed_dims=(64, 128, 256, 512), stem_width=64)
+    return _create_maxvit("zoo_maxvit_t", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_maxvit_s(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-S: 68.9 M parameters, 11.7 GFLOPs, 84.45% ImageNet-1k top-1."""
+    model_args = dict(depths=(2, 2, 5, 2), embed_dims=(96, 192, 384, 768), stem_width=64)
+    return _create_maxvit("zoo_maxvit_s", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_maxvit_b(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-B: 119.5 M parameters, 23.4 GFLOPs, 84.95% ImageNet-1k top-1."""
+    model_args = dict(depths=(2, 6, 14, 2), embed_dims=(96, 192, 384, 768), stem_width=64)
+    return _create_maxvit("zoo_maxvit_b", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_maxvit_l(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-L: 211.8 M parameters, 43.9 GFLOPs, 85.17% ImageNet-1k top-1."""
+    model_args = dict(depths=(2, 6, 14, 2), embed_dims=(128, 256, 512, 1024), stem_width=128)
+    return _create_maxvit("zoo_maxvit_l", pretrained=pretrained, **dict(model_args, **kwargs))
