@@ -64,7 +64,7 @@ class ImageClassifier(LightningModule):
         opt_betas: Adam-family betas; None for the optimizer's default.
         layer_decay: layer-wise learning-rate decay; None for none.
         lr_scales: parameter-name regex -> learning-rate factor for the parameters it matches (first match
-            wins), e.g. `{"downsample\\.offset\\.weight": 0.01}` as LITv2 trains its offset convs; timm's
+            wins), e.g. `{'downsample\\.offset\\.weight$': 0.01}` as LITv2 trains its offset convs; timm's
             schedulers apply the factor at every step.
         sched: timm scheduler name ('cosine', 'step', 'multistep', 'plateau', 'poly', 'tanh', 'wsd').
         warmup_epochs: linear warm-up length in epochs (fractions allowed when the schedule steps on updates).
@@ -160,6 +160,7 @@ class ImageClassifier(LightningModule):
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self._seed: int | None = None
+        self._ema_step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> logits (B, num_classes)."""
@@ -172,7 +173,7 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_start(self) -> None:
         if self._seed is None:
             return
-        # Runs before the epoch's loader iterator exists, so its shuffle and worker seeds follow too.
+        # The training step's own draws (mixup, drop path); the loader's follow (seed, epoch, position).
         seed = int(np.random.SeedSequence([self._seed, self.current_epoch, self.global_rank]).generate_state(1)[0])
         random.seed(seed)
         np.random.seed(seed)
@@ -196,8 +197,10 @@ class ImageClassifier(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        # Once per optimizer update, also when gradients accumulate over several batches.
+        if self.ema is not None and self.global_step != self._ema_step:
             self.ema.update(self.model, step=self.global_step)
+            self._ema_step = self.global_step
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
