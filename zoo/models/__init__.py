@@ -1,6 +1,6 @@
 """Backbones registered with timm, one file per family."""
 
-from . import biformer, cswin, litv2  # noqa: F401
+from . import biformer, cswin, davit, focalnet, litv2  # noqa: F401
 from .biformer import BiFormer
 from .maxvit import MaxViT  # noqa: F401
 

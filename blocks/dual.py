@@ -1,0 +1,276 @@
+"""Dual attention, the token mixers of DaViT: spatial window attention and channel group attention.
+
+Ding et al., "DaViT: Dual Attention Vision Transformers", ECCV 2022 (arXiv:2204.03645); official
+code: github.com/dingmyu/davit.
+
+A DaViT stage alternates two blocks. The spatial block runs multi-head self-attention inside
+non-overlapping windows (tokens attend to tokens). The channel block runs attention across
+channels within each of `num_heads` channel groups, over all positions at once (channels attend to
+channels), which gives every block a global receptive field at linear cost in the number of
+tokens. Each block adds a 3x3 depthwise convolution (convolutional position encoding) to its input
+before the attention and again before the MLP.
+
+Everything here is channels-last, (B, H, W, C). Maps whose sides are not multiples of the window
+are zero-padded after the norm and cropped after the attention, as the official code does; the
+padded tokens take part in the attention unmasked, also as there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, to_2tuple
+
+from ._fused_cpu import conv_add, linear, linear_add, mlp_residual
+from ._layout import pad_to_multiple, window_partition, window_reverse
+
+__all__ = ["ChannelAttention", "ChannelBlock", "ConvPosEnc", "SpatialBlock", "WindowAttention"]
+
+
+class ConvPosEnc(nn.Module):
+    """Convolutional position encoding: x + act(depthwise_conv(x)); x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        kernel_size: depthwise kernel size.
+        act: GELU on the conv output (the Florence-2 variant); off in the DaViT paper.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 3,
+        act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
+        self.act = nn.GELU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The NCHW view of a contiguous channels-last map has channels_last strides: no layout copy.
+        x_nchw = x.permute(0, 3, 1, 2)
+        if isinstance(self.act, nn.Identity):
+            return conv_add(self.proj, x_nchw, x_nchw).permute(0, 2, 3, 1)
+        return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping windows, without position bias.
+
+    Args:
+        dim: channels C.
+        num_heads: heads; dim must be divisible by it.
+        window_size: window (wh, ww) or side.
+        qkv_bias: bias of the fused q/k/v projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int | tuple[int, int] = 7,
+        qkv_bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.window_size = to_2tuple(window_size)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given."""
+        b, h, w, c = x.shape
+        x, (pad_b, pad_r) = pad_to_multiple(x, self.window_size)
+        grid = ((h + pad_b) // self.window_size[0], (w + pad_r) // self.window_size[1])
+        tokens = self.window_size[0] * self.window_size[1]
+        # Cutting windows before the q/k/v projection moves C channels instead of 3C.
+        qkv = linear(window_partition(x, self.window_size), self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(-1, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = window_reverse(out.transpose(1, 2).reshape(b, -1, *self.window_size, c), grid)
+        if pad_b or pad_r:
+            out = out[:, :h, :w]
+        return (
+            linear(out, self.proj.weight, self.proj.bias) if residual is None else linear_add(self.proj, out, residual)
+        )
+
+
+class ChannelAttention(nn.Module):
+    """Channel group attention: within each of `num_heads` groups of d = C / num_heads channels, every
+    channel attends to every channel, with logits summed over all positions.
+
+    As in the official code the logits are keys^T values (d x d per group) scaled by d ** -0.5, and
+    the softmax weights mix the query channels. Where the map has more positions than channels, the
+    weights are folded into the output projection (C x C per image) so that the mixed queries are
+    never written out; the result is the same up to float rounding.
+
+    Args:
+        dim: channels C.
+        num_heads: channel groups; dim must be divisible by it.
+        qkv_bias: bias of the fused q/k/v projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given."""
+        b, h, w, c = x.shape
+        n, d = h * w, c // self.num_heads
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, n, 3, c)
+        if torch.is_grad_enabled():
+            # One unbind: its backward stacks the three gradients instead of zero-filling per slice.
+            q, k, v = qkv.unbind(2)
+            logits = k.view(b, n, self.num_heads, d).permute(0, 2, 3, 1) @ v.view(b, n, self.num_heads, d).transpose(
+                1, 2
+            )
+        else:
+            # Per-group k^T v on strided slices of the projection: bmm reads them in place.
+            q = qkv[:, :, 0]
+            groups = [slice(g * d, (g + 1) * d) for g in range(self.num_heads)]
+            logits = torch.stack([qkv[:, :, 1, g].transpose(1, 2) @ qkv[:, :, 2, g] for g in groups], 1)
+        weights = (logits * self.scale).softmax(-1)  # (B, groups, d, d)
+        if n > c:
+            # proj(mix(q)) = q @ (W_proj . blockdiag(weights))^T + b: one (N x C) @ (C x C) per image.
+            mixed_proj = torch.einsum("ogi,bgij->bogj", self.proj.weight.view(c, self.num_heads, d), weights)
+            mixed_proj = mixed_proj.reshape(b, c, c).transpose(1, 2)
+            if residual is None:
+                out = torch.matmul(q, mixed_proj)
+            else:
+                out = torch.baddbmm(residual.reshape(b, n, c), q, mixed_proj)
+            if self.proj.bias is not None:
+                out.add_(self.proj.bias)  # out is fresh and baddbmm's backward does not need it
+            return out.view(b, h, w, c)
+        out = q.view(b, n, self.num_heads, d).transpose(1, 2) @ weights.transpose(-1, -2)  # (B, groups, N, d)
+        out = out.transpose(1, 2).reshape(b, h, w, c)
+        return (
+            linear(out, self.proj.weight, self.proj.bias) if residual is None else linear_add(self.proj, out, residual)
+        )
+
+
+class _DualBlock(nn.Module):
+    """Shared body of the spatial and channel blocks: CPE, attention residual, CPE, MLP residual."""
+
+    attn: WindowAttention | ChannelAttention
+
+    def _build(
+        self,
+        dim: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_layer: type[nn.Module],
+        ffn: bool,
+        cpe_act: bool,
+        dd: dict,
+    ) -> None:
+        self.cpe1 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
+        self.norm1 = norm_layer(dim, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.cpe2 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
+        if ffn:
+            self.norm2 = norm_layer(dim, **dd)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
+            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        else:
+            self.norm2 = self.mlp = self.drop_path2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        # Without an active drop-path the residual adds go into the projections.
+        fold = not self.training or isinstance(self.drop_path1, nn.Identity)
+        x = self.cpe1(x)
+        x = self.attn(self.norm1(x), residual=x) if fold else x + self.drop_path1(self.attn(self.norm1(x)))
+        x = self.cpe2(x)
+        if self.mlp is None:
+            return x
+        return mlp_residual(self.mlp, self.norm2(x), x) if fold else x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class SpatialBlock(_DualBlock):
+    """DaViT spatial block: CPE, pre-norm window attention, CPE, pre-norm MLP; x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads.
+        window_size: attention window side.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias of the q/k/v projection.
+        drop_path: stochastic depth of both residual branches.
+        norm_layer: channels-last norm.
+        ffn: keep the MLP (the paper's models do).
+        cpe_act: GELU in the position encodings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ffn: bool = True,
+        cpe_act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, **dd)
+        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)
+
+
+class ChannelBlock(_DualBlock):
+    """DaViT channel block: CPE, pre-norm channel group attention, CPE, pre-norm MLP; x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        num_heads: channel groups.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias of the q/k/v projection.
+        drop_path: stochastic depth of both residual branches.
+        norm_layer: channels-last norm.
+        ffn: keep the MLP (the paper's models do).
+        cpe_act: GELU in the position encodings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ffn: bool = True,
+        cpe_act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.attn = ChannelAttention(dim, num_heads, qkv_bias=qkv_bias, **dd)
+        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)

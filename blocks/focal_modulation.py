@@ -1,0 +1,180 @@
+"""Focal modulation, the token mixer of FocalNet.
+
+Yang et al., "Focal Modulation Networks", NeurIPS 2022 (arXiv:2203.11926); official code:
+github.com/microsoft/FocalNet.
+
+A linear projection gives every token a query, a context map and one gate per focal level. The
+context passes through `focal_level` stacked depthwise convolutions (kernels `focal_window`,
+`focal_window + focal_factor`, ...), each followed by GELU, so level l sees a growing receptive
+field; a global level is the GELU of the spatial mean of the last one. The levels are summed with
+their gates, mixed across channels by `h` (the modulator) and multiply the query; an output
+projection follows. The small- and large-receptive-field (SRF/LRF) models differ only in
+`focal_level` (2 vs 3); the large models add post-normalisation and layer scale.
+
+Everything here is channels-last, (B, H, W, C). The official code's 1x1 convolution `h` is a
+Linear of the same weights (C, C), and the depthwise convolutions run on the NCHW view of the
+channels-last map, which oneDNN handles without a layout copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, Mlp
+
+from ._fused_cpu import conv_pointwise, fusion_enabled, linear, linear_binary, mlp_residual
+
+__all__ = ["FocalModulation", "FocalNetBlock"]
+
+
+class FocalModulation(nn.Module):
+    """Focal modulation on a channels-last map.
+
+    Args:
+        dim: channels C of the input and output.
+        focal_level: number of depthwise-conv context levels (the global level comes on top).
+        focal_window: kernel size of the first level.
+        focal_factor: kernel growth per level (level l has kernel `focal_window + focal_factor * l`).
+        bias: bias of the input projection `f` and the modulator `h`.
+        use_post_norm: LayerNorm on the modulated tokens before the output projection (FocalNet-H).
+        normalize_modulator: divide the aggregated context by `focal_level + 1`.
+        proj_drop: dropout after the output projection.
+        norm_layer: norm of `use_post_norm`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        focal_level: int,
+        focal_window: int = 3,
+        focal_factor: int = 2,
+        bias: bool = True,
+        use_post_norm: bool = False,
+        normalize_modulator: bool = False,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if focal_level < 1:
+            raise ValueError(f"focal_level must be >= 1, got {focal_level}")
+        self.dim = dim
+        self.focal_level = focal_level
+        self.normalize_modulator = normalize_modulator
+        self.f = nn.Linear(dim, 2 * dim + focal_level + 1, bias=bias, **dd)
+        self.h = nn.Linear(dim, dim, bias=bias, **dd)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.kernel_sizes = [focal_window + focal_factor * level for level in range(focal_level)]
+        self.focal_layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=False, **dd), nn.GELU())
+            for k in self.kernel_sizes
+        )
+        self.norm = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given (dropout must be off)."""
+        c, levels = self.dim, self.focal_level
+        fused = fusion_enabled(x)
+        if fused:
+            # Three projections from row blocks of `f`: q and the context come out contiguous, so the
+            # depthwise convs read the context without a copy and `h` can multiply q in its epilogue.
+            weight, bias = self.f.weight, self.f.bias
+            q, ctx, gates = (
+                linear(x, weight[s], None if bias is None else bias[s])
+                for s in (slice(0, c), slice(c, 2 * c), slice(2 * c, None))
+            )
+            ctx = ctx.permute(0, 3, 1, 2)
+        else:
+            q, ctx, gates = self.f(x).split((c, c, levels + 1), dim=-1)
+            ctx = ctx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        ctx_all = None
+        for level, layer in enumerate(self.focal_layers):
+            ctx = conv_pointwise(layer[0], ctx, "gelu")  # (B, C, H, W), channels_last
+            term, gate = ctx.permute(0, 2, 3, 1), gates[..., level : level + 1]
+            ctx_all = term * gate if ctx_all is None else torch.addcmul(ctx_all, term, gate)
+        ctx_global = self.act(ctx.mean((2, 3), keepdim=True)).permute(0, 2, 3, 1)
+        ctx_all = torch.addcmul(ctx_all, ctx_global, gates[..., levels:])
+        if self.normalize_modulator:
+            ctx_all = ctx_all / (levels + 1)
+        out = self.norm(linear_binary(ctx_all, q, self.h.weight, self.h.bias, "mul"))
+        if residual is None:
+            return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        return linear_binary(out, residual, self.proj.weight, self.proj.bias, "add")
+
+
+class FocalNetBlock(nn.Module):
+    """Focal modulation and MLP residuals on a channels-last map.
+
+    Pre-norm by default; with `use_post_norm` the norms move after the modulation and the MLP, as in
+    the official large models (`use_postln`). `layerscale_value` enables per-channel layer scale
+    (`use_layerscale`), initialised to that value.
+
+    Args:
+        dim: channels C.
+        focal_level: context levels of the modulation.
+        focal_window: first kernel size of the modulation.
+        mlp_ratio: MLP hidden width / channels.
+        use_post_norm: norm after each branch instead of before it.
+        use_post_norm_in_modulation: LayerNorm inside the modulation, before its projection.
+        normalize_modulator: divide the aggregated context by `focal_level + 1`.
+        layerscale_value: initial layer-scale value; None disables layer scale.
+        proj_drop: dropout in the modulation projection and the MLP.
+        drop_path: stochastic depth of both branches.
+        norm_layer: channels-last norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        focal_level: int = 2,
+        focal_window: int = 3,
+        mlp_ratio: float = 4.0,
+        use_post_norm: bool = False,
+        use_post_norm_in_modulation: bool = False,
+        normalize_modulator: bool = False,
+        layerscale_value: float | None = None,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.Identity() if use_post_norm else norm_layer(dim, **dd)
+        self.modulation = FocalModulation(
+            dim,
+            focal_level=focal_level,
+            focal_window=focal_window,
+            use_post_norm=use_post_norm_in_modulation,
+            normalize_modulator=normalize_modulator,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **dd,
+        )
+        self.norm1_post = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
+        self.ls1 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.Identity() if use_post_norm else norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.norm2_post = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # The plain pre-norm block can add each residual inside the preceding projection.
+        self._plain = not use_post_norm and layerscale_value is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if self._plain and not (
+            self.training and (self.modulation.proj_drop.p > 0 or not isinstance(self.drop_path1, nn.Identity))
+        ):
+            x = self.modulation(self.norm1(x), residual=x)
+        else:
+            x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
+        if self._plain and not (self.training and not isinstance(self.drop_path2, nn.Identity)):
+            return mlp_residual(self.mlp, self.norm2(x), x)
+        return x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))
