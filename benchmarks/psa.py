@@ -76,20 +76,26 @@ def _setup(mode: str):
     return run
 
 
-def cpu_timing() -> str:
-    seconds = {mode: measure_in_subprocess(functools.partial(_setup, mode), warmup=1, iters=3) for mode in MODES}
-    dense = seconds["dense"][0]
+def cpu_timing(threads: tuple[int, ...] = (1, 2)) -> str:
+    seconds = {
+        (mode, n): measure_in_subprocess(functools.partial(_setup, mode), threads=n, warmup=1, iters=3)
+        for n in threads
+        for mode in MODES
+    }
     lines = [
         f"Attention alone, {GRID[0]} x {GRID[1]} x {GRID[2]} = {math.prod(GRID)} tokens, {HEADS} heads of "
-        f"{HEAD_DIM}, fp32, batch 1, 2 threads; PSA with the official defaults (blocks 128/64, 10% full, 5% 2x, "
-        "20% 8x, 65% skipped: 14% of dense arithmetic).",
+        f"{HEAD_DIM}, fp32, batch 1; PSA with the official defaults (blocks 128/64, 10% full, 5% 2x, 20% 8x, 65% "
+        "skipped: 14% of dense arithmetic). Speed is dense time / path time.",
         "",
-        "| path | ms | vs dense SDPA | peak MiB |",
-        "|---|---:|---:|---:|",
+        "| path | " + " | ".join(f"ms ({n} thr) | speed ({n} thr)" for n in threads) + " | peak MiB |",
+        "|---|" + "---:|---:|" * len(threads) + "---:|",
     ]
     for mode, label in MODES.items():
-        s, mem = seconds[mode]
-        lines.append(f"| {label} | {s * 1e3:.1f} | {dense / s:.2f}x | {mem:.0f} |")
+        cells = []
+        for n in threads:
+            s, _ = seconds[mode, n]
+            cells.append(f"{s * 1e3:.1f} | {seconds['dense', n][0] / s:.2f}x")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds[mode, threads[-1]][1]:.0f} |")
     return "\n".join(lines)
 
 
