@@ -212,14 +212,28 @@ def time_interleaved(name: str, batch: int, threads: int, rounds: int, cpu_clock
     return times
 
 
-def _check_equal(name: str) -> float:
-    """Relative max difference between the zoo model's logits and the anchor's (same weights)."""
+def _check_equal_child(name: str, queue) -> None:
     ours = _build(name, "zoo")
     anchor = _build(name, "official")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         a, b = ours(x), anchor(x)
-    return ((a - b).abs().max() / b.abs().max()).item()
+    queue.put(((a - b).abs().max() / b.abs().max()).item())
+
+
+def check_equal(name: str) -> float:
+    """Relative max difference between the zoo model's logits and the anchor's (same weights).
+
+    Runs in a fresh process: Linux carries a process's peak RSS across fork and exec, so a parent
+    grown by building models would show up as the peak of every measurement process it starts.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_check_equal_child, args=(name, queue))
+    proc.start()
+    rel = queue.get()
+    proc.join()
+    return rel
 
 
 def _profile_litv2(name: str = "litv2_s", batch: int = 8) -> list[tuple[str, float]]:
@@ -324,7 +338,7 @@ def main() -> None:
 
     rows = []
     for name in args.sizes:
-        rel = _check_equal(name)
+        rel = check_equal(name)
         if rel > 1e-4:
             raise SystemExit(f"{name}: the anchor's logits differ from the zoo model's (relative {rel:.1e})")
         peaks = {}
@@ -373,6 +387,7 @@ def main() -> None:
         + [f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | {v:.2f} |" for k, v in parts]
     )
     print(parts_table)
+    torch.set_num_threads(args.threads)  # the section's stamp reports this
     if not args.no_write:
         markdown = _NOTES.format(
             load=f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
@@ -395,7 +410,8 @@ and `.contiguous()` copies, per-stripe LePE for CSWin, `AvgPool2d` for HiLo), sa
 else shared. Inference, batch {batch}, 224 x 224, {threads} threads, fp32. Speed: both models built in one
 fresh process and called alternately, {rounds} timed rounds after a warm-up round; img/s from the median
 call, the speed ratio is the median of the per-round ratios (robust to the load of this shared machine:
-load average {load}). The CPU-time ratio repeats the comparison on one thread, timing the process's
+load average {load}; absolute img/s moved with that load from row to row, so compare within a row).
+The CPU-time ratio repeats the comparison on one thread, timing the process's
 CPU time rather than the wall clock, which other processes on the machine do not distort. Peak memory:
 the resident-set growth of one call over the level after building (each in a fresh process). The last
 column checks that the anchor computes the same function (relative max difference of the logits).
