@@ -178,10 +178,17 @@ def _attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v for q, k, v: (B, heads, N, d) and bias broadcastable to (B, heads, N, N).
 
-    The bias is expanded to 4-D: PyTorch's fused CPU attention kernel only takes a 4-D mask, and a
-    3-D one sends the call to the unfused path that materialises the logits several times.
+    Without autograd: PyTorch's fused CPU kernel, given the bias expanded to 4-D (a 3-D mask sends
+    the call to the unfused path, which also scans the logits for -inf rows). With autograd, the bias
+    (a parameter) needs its gradient, which only the unfused path gives; written out here, it skips
+    that scan and scales and biases the logits in place.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), dropout_p=dropout_p)
+    if not (torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad)):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), dropout_p=dropout_p
+        )
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(F.dropout(logits.softmax(-1), dropout_p), v)
 
 
 class PartitionAttention(nn.Module):
@@ -248,12 +255,13 @@ class PartitionAttention(nn.Module):
         b, h, w, c = x.shape
         x, pad = pad_to_multiple(x, self.size)
         size = x.shape[1:3]
-        groups = self._split(self.qkv(x))  # (B, G, p, p, 3C)
+        # Partition before the q/k/v projection (a per-token op): the layout copy moves C channels, not 3C.
+        groups = self.qkv(self._split(x))  # (B, G, p, p, 3C)
         n_groups, tokens = groups.shape[1], self.size[0] * self.size[1]
         qkv = groups.reshape(b * n_groups, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if torch.is_grad_enabled():
-            # The fused CPU kernel's backward is about twice as fast on contiguous q, k, v; its forward
-            # takes the strided views as they are.
+            # Batched matmuls need (B * heads) to flatten into one batch dim; the fused inference
+            # kernel takes the strided views as they are.
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)
         bias = self.rel_pos()
@@ -309,7 +317,7 @@ class PartitionTransformerLayer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fusion_enabled(x) and not self.training:
+        if fusion_enabled(x) and not (self.training or self.attn.training):
             proj, mlp = self.attn.proj, self.mlp
             x = _linear_add(self.attn.mix(self.norm1(x)), proj.weight, proj.bias, x)
             hidden = _linear_gelu(self.norm2(x), mlp.fc1.weight, mlp.fc1.bias)
@@ -422,7 +430,8 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / s), ceil(W / s), C)."""
-        if fusion_enabled(x) and not self.training:
+        # Folding needs every BatchNorm in eval mode (BN recalibration trains them alone under no_grad).
+        if fusion_enabled(x) and not any(m.training for m in (self, self.pre_norm, self.norm1, self.norm2)):
             return self._fused_forward(x)
         y = _pointwise(self.conv1_1x1, _batch_norm(self.pre_norm, x))
         y = _gelu_tanh(_batch_norm(self.norm1, y))
