@@ -141,6 +141,18 @@ def test_safetensors_export_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_fine_tuned_export_keeps_its_classifier(tmp_path):
+    model = timm.create_model("zoo_biformer_t", num_classes=10).eval()
+    save_file(model.state_dict(), tmp_path / "best.safetensors")
+    loaded = timm.create_model(
+        "zoo_biformer_t",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "best.safetensors")),
+        num_classes=10,
+    ).eval()
+    torch.testing.assert_close(loaded.head.fc.weight, model.head.fc.weight, rtol=0, atol=0)
+
+
 def test_both_kernel_backends_give_same_logits_and_grads(monkeypatch, caplog):
     # A narrow BiFormer with 2x2 regions: the Triton interpreter runs one program per (image, head, region).
     model = timm.create_model(

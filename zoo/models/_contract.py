@@ -53,7 +53,15 @@ def load_pretrained_file_safely(pretrained: bool, kwargs: dict, state_dict_keys:
         if not os.path.isfile(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path, progress=True)
-    overlay["state_dict"] = load_state_dict_file(path, keys=state_dict_keys)
+    state_dict = load_state_dict_file(path, keys=state_dict_keys)
+    # timm re-initializes a classifier whose class count differs from the cfg's (1000). A file whose
+    # classifier already has the requested classes (a fine-tuned export) must keep it.
+    cfg = kwargs.get("pretrained_cfg")
+    classifier = getattr(cfg, "classifier", None) or "head.fc"
+    head = state_dict.get(f"{classifier}.weight")
+    if head is not None and "num_classes" not in overlay and kwargs.get("num_classes") == head.shape[0]:
+        overlay["num_classes"] = head.shape[0]
+    overlay["state_dict"] = state_dict
     return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
