@@ -98,9 +98,9 @@ class WindowAttention(nn.Module):
         out = window_reverse(out.transpose(1, 2).reshape(b, -1, *self.window_size, c), grid)
         if pad_b or pad_r:
             out = out[:, :h, :w]
-        return (
-            linear(out, self.proj.weight, self.proj.bias) if residual is None else linear_add(self.proj, out, residual)
-        )
+        if residual is None:
+            return linear(out, self.proj.weight, self.proj.bias)
+        return linear_add(self.proj, out, residual)
 
 
 class ChannelAttention(nn.Module):
@@ -143,9 +143,8 @@ class ChannelAttention(nn.Module):
         if torch.is_grad_enabled():
             # One unbind: its backward stacks the three gradients instead of zero-filling per slice.
             q, k, v = qkv.unbind(2)
-            logits = k.view(b, n, self.num_heads, d).permute(0, 2, 3, 1) @ v.view(b, n, self.num_heads, d).transpose(
-                1, 2
-            )
+            k = k.view(b, n, self.num_heads, d).permute(0, 2, 3, 1)  # (B, groups, d, N)
+            logits = k @ v.view(b, n, self.num_heads, d).transpose(1, 2)
         else:
             # Per-group k^T v on strided slices of the projection: bmm reads them in place.
             q = qkv[:, :, 0]
@@ -165,9 +164,9 @@ class ChannelAttention(nn.Module):
             return out.view(b, h, w, c)
         out = q.view(b, n, self.num_heads, d).transpose(1, 2) @ weights.transpose(-1, -2)  # (B, groups, N, d)
         out = out.transpose(1, 2).reshape(b, h, w, c)
-        return (
-            linear(out, self.proj.weight, self.proj.bias) if residual is None else linear_add(self.proj, out, residual)
-        )
+        if residual is None:
+            return linear(out, self.proj.weight, self.proj.bias)
+        return linear_add(self.proj, out, residual)
 
 
 class _DualBlock(nn.Module):

@@ -76,7 +76,7 @@ class DaVitDownsample(nn.Module):
         x = self.norm(x).permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
         if h % 2 or w % 2:
-            x = F.pad(x, (0, w % 2, 0, h % 2))
+            x = F.pad(x, (0, w % 2, 0, h % 2)).contiguous(memory_format=torch.channels_last)
         return self.conv(x).permute(0, 2, 3, 1)
 
 
