@@ -92,7 +92,8 @@ def write_section(name: str, markdown: str, title: str | None = None) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md, stamped with date, commit and machine."""
     stamp = (
         f"_Measured {datetime.date.today().isoformat()} at commit `{git_commit()}` on {machine_description()}; "
-        f"command: `python benchmarks/{name}.py`._"
+        f"command: `python benchmarks/{name}.py`; 1-minute load average when written: {os.getloadavg()[0]:.1f} "
+        f"(above the core count means other jobs shared the CPU and absolute figures are low)._"
     )
     body = f"<!-- begin {name} -->\n## {title or name}\n\n{stamp}\n\n{markdown.strip()}\n<!-- end {name} -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nWhat is true now.\n"
