@@ -54,5 +54,6 @@ def select_backend(op: str, *tensors: torch.Tensor) -> str:
         backend = "triton"
     else:
         backend = "torch"
-    _log.debug("%s: %s path", op, backend)
+    if not torch.compiler.is_compiling():  # a logging call inside a compiled region is a graph break
+        _log.debug("%s: %s path", op, backend)
     return backend

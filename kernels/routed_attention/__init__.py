@@ -2,6 +2,8 @@
 
 The op behind Bi-Level Routing Attention. `routed_attention` checks its inputs once, then runs
 the Triton kernel on CUDA tensors and the PyTorch reference elsewhere (`ZOO_KERNELS` forces one).
+On the Triton path it is block-sparse attention (`kernels.block_sparse_attention`) with one block
+per region and the routing index as the index table, shared by the heads.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_inde
         raise ValueError(f"region_index must be int32 or int64, got {region_index.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    # A bounds check needs a device sync on CUDA (and values on meta); the kernel masks nothing: check on CPU.
-    if region_index.device.type == "cpu" and region_index.numel():
+    # A bounds check needs a device sync on CUDA (and values on meta, and a graph break when compiled); the
+    # kernel masks nothing: check on CPU, eagerly.
+    if region_index.device.type == "cpu" and not torch.compiler.is_compiling() and region_index.numel():
         lo, hi = int(region_index.min()), int(region_index.max())
         if lo < 0 or hi >= k.shape[2]:
             raise ValueError(f"region_index values must lie in [0, {k.shape[2]}), got range [{lo}, {hi}]")

@@ -1,0 +1,164 @@
+"""Block-sparse attention: query blocks attend to listed key/value blocks, each at a pooling level.
+
+One op behind the zoo's attention mixers: BiFormer's routed regions (one index row per query region),
+window/grid attention (every block lists itself), pooled keys/values (HiLo's low-frequency path) and
+Pyramid Sparse Attention (a level per (query block, key block) pair). `block_sparse_attention` checks
+its inputs once, then runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere
+(`ZOO_KERNELS` forces one). The definition is in `reference.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import select_backend
+from .reference import (
+    block_sparse_attention_dense,
+    block_sparse_attention_reference,
+    default_query_block_chunk,
+    pool_bias,
+    pool_blocks,
+)
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_dense",
+    "block_sparse_attention_reference",
+    "default_query_block_chunk",
+    "pool_bias",
+    "pool_blocks",
+    "tables_from_level_map",
+]
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_levels) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "block_sparse_attention expects q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"block_sparse_attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, size in (("block_q", block_q), ("block_k", block_k), ("num_levels", num_levels)):
+        if not (isinstance(size, int) and size > 0):
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    b, h, lq, _ = q.shape
+    mq, mk = -(-lq // block_q), -(-k.shape[2] // block_k)
+    if (
+        kv_index.dim() != 4
+        or kv_index.shape[0] not in (1, b)
+        or kv_index.shape[1] not in (1, h)
+        or kv_index.shape[2] != mq
+    ):
+        raise ValueError(
+            f"block_sparse_attention expects kv_index (B or 1, H or 1, ceil(Lq / block_q), K) with B = {b}, "
+            f"H = {h}, ceil(Lq / block_q) = {mq}; got {tuple(kv_index.shape)}"
+        )
+    if kv_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kv_index must be int32 or int64, got {kv_index.dtype}")
+    if kv_level is not None:
+        if kv_level.shape != kv_index.shape:
+            raise ValueError(
+                f"kv_level must have the shape of kv_index {tuple(kv_index.shape)}, got {tuple(kv_level.shape)}"
+            )
+        if not _is_int(kv_level.dtype):
+            raise ValueError(f"kv_level must be an integer tensor, got {kv_level.dtype}")
+    if bias is not None:
+        if bias.dim() != 3 or bias.shape[0] not in (1, h) or tuple(bias.shape[1:]) != (block_q, block_k):
+            raise ValueError(
+                f"block_sparse_attention expects bias (H or 1, block_q, block_k) = ({h} or 1, {block_q}, {block_k}), "
+                f"got {tuple(bias.shape)}"
+            )
+        if not bias.dtype.is_floating_point:
+            raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
+    # Value checks need a device sync on CUDA (and values on meta, and a graph break when compiled): CPU only.
+    if kv_index.device.type == "cpu" and not torch.compiler.is_compiling() and kv_index.numel():
+        lo, hi = int(kv_index.min()), int(kv_index.max())
+        if lo < -1 or hi >= mk:
+            raise ValueError(f"kv_index values must lie in [-1, {mk}) (-1: empty slot), got range [{lo}, {hi}]")
+        if kv_level is not None:
+            lo, hi = int(kv_level.min()), int(kv_level.max())
+            if lo < 0 or hi >= num_levels:
+                raise ValueError(f"kv_level values must lie in [0, num_levels = {num_levels}), got range [{lo}, {hi}]")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_level: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    block_q: int,
+    block_k: int,
+    scale: float | None = None,
+    num_levels: int | None = None,
+) -> torch.Tensor:
+    """Each query block attends, under one softmax, to the key/value blocks its index row lists.
+
+    Tokens are grouped in order: query block i holds queries [i * block_q, (i + 1) * block_q), key block j
+    keys [j * block_k, (j + 1) * block_k); the last block of each may be shorter. An entry at level p reads
+    its key block average-pooled in groups of 2**p tokens, each pooled logit raised by log(group tokens).
+
+    Args:
+        q: (B, H, Lq, D) queries.
+        k: (B, H, Lk, D) keys.
+        v: (B, H, Lk, Dv) values.
+        kv_index: (B or 1, H or 1, ceil(Lq / block_q), K) int32/int64 key blocks per query block, -1 for an
+            empty slot; repeats count every time. K may be 0.
+        kv_level: pooling level per entry, shaped like kv_index, in [0, num_levels); None: all 0.
+        bias: (H or 1, block_q, block_k) additive logit bias, indexed by (query offset in its block, key offset
+            in its block) for every listed pair; averaged over each group's columns at pooled levels. Cast to
+            the dtype of q.
+        block_q: query tokens per block.
+        block_k: key tokens per block.
+        scale: logit scale; defaults to D ** -0.5.
+        num_levels: levels in the pyramid; defaults to 1 + max(kv_level) (a device sync; pass it explicitly
+            on CUDA and under torch.compile).
+
+    Returns:
+        (B, H, Lq, Dv); zero rows for query blocks without entries.
+    """
+    if num_levels is None:
+        num_levels = 1 if kv_level is None or kv_level.numel() == 0 else int(kv_level.max()) + 1
+    _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_levels)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if select_backend("block_sparse_attention", q, k, v) == "triton":
+        from .triton_impl import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+    return block_sparse_attention_reference(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+
+
+def tables_from_level_map(level_map: torch.Tensor, max_entries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and level tables from a dense map of levels per (query block, key block) pair.
+
+    This is how a per-pair plan such as Pyramid Sparse Attention's becomes the op's input: every key block
+    with a level >= 0 is listed, in increasing block order, and the rest of the row is empty (-1).
+
+    Args:
+        level_map: (B, H, Mq, Mk) integers: -1 skips the pair, p >= 0 attends to the key block at level p.
+        max_entries: table width K; defaults to Mk (no data-dependent shape). Rows listing more are cut.
+
+    Returns:
+        kv_index, kv_level: (B, H, Mq, K) int32.
+    """
+    keep = level_map >= 0
+    width = level_map.shape[-1] if max_entries is None else max_entries
+    # A stable sort of "not kept" puts the kept blocks first, in increasing block order.
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., :width]
+    kept = keep.gather(-1, order)
+    kv_index = torch.where(kept, order, -1).to(torch.int32)
+    kv_level = torch.where(kept, level_map.gather(-1, order), 0).to(torch.int32)
+    return kv_index, kv_level
