@@ -8,8 +8,8 @@ are the ops torch.compile's CPU backend emits (`torch.ops.mkldnn._linear_pointwi
 `_convolution_pointwise`).
 
 They have no autograd formulas, so the fused path is taken only when nothing records gradients,
-and never under a dispatch mode (FLOP counters, fake tensors), tracing or compilation, which must
-see the plain ops. `ZOO_CPU_FUSION=0` turns it off. Results equal the unfused ops to float
+and never under autocast, a dispatch mode (FLOP counters, fake tensors), tracing or compilation,
+which must see the plain ops. `ZOO_CPU_FUSION=0` turns it off. Results equal the unfused ops to float
 rounding (GELU is the exact erf form in both).
 """
 
@@ -42,6 +42,7 @@ def fusion_enabled(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # autocast must see (and cast) the plain ops
         and os.environ.get("ZOO_CPU_FUSION", "1") != "0"
         and _get_current_dispatch_mode() is None
         and not torch.jit.is_tracing()

@@ -96,3 +96,20 @@ def test_window_attention_pads_and_crops():
 def test_heads_must_divide_channels(cls):
     with pytest.raises(ValueError, match=r"divisible by num_heads"):
         cls(30, 4)
+
+
+def test_fused_inference_path_steps_aside_for_flop_counters_and_autocast():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = SpatialBlock(16, 2).eval()
+    x = torch.randn(1, 14, 14, 16)
+    counts = []
+    for grad in (True, False):  # plain ops / the fused inference path
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            block(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0  # the counter sees the plain ops either way
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the plain ops, with or without grad
+        with torch.no_grad():
+            inference = block(x)
+        torch.testing.assert_close(inference, block(x).detach(), rtol=0, atol=0)
