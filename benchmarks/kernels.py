@@ -13,8 +13,8 @@ against gathering the routed K/V regions and calling SDPA, time and peak memory,
 
 Without CUDA (`--device cpu`, or `auto` with no GPU, which says so): the PyTorch reference against the
 straightforward implementation, dense SDPA with an additive mask over the whole key pyramid, at 4k tokens;
-each measurement in a fresh process. Writes the "kernels" (GPU) or "kernels_cpu" section of BENCHMARKS.md;
-the CPU section lists the issue's GPU targets as open.
+each measurement in a fresh process. Writes the "kernels" section of BENCHMARKS.md with whichever it measured
+(a CPU run lists the issue's GPU targets as open; a GPU run replaces it).
 """
 
 from __future__ import annotations
@@ -275,10 +275,9 @@ def cpu_case(impl: str, case: str, density: float, backward: bool):
     else:  # the straightforward implementation: SDPA over the whole key pyramid with an additive mask
         import torch.nn.functional as F
 
-        # The structural mask depends on the tables only: built once, outside the timed call (its best case).
-        mask = _pyramid_mask(index, level, num_levels, seq, blk)
-
         def fn():
+            # The mask is built from the tables in every call: they are the op's input (routing, PSA's plan).
+            mask = _pyramid_mask(index, level, num_levels, seq, blk)
             k_pyr, v_pyr, b_pyr = build_pyramid(k, v, bias, blk, num_levels)
             m = mask if b_pyr is None else mask + _tile_bias(b_pyr, num_levels, seq, blk)
             return F.scaled_dot_product_attention(q, k_pyr, v_pyr, attn_mask=m, scale=d**-0.5)
@@ -359,18 +358,20 @@ def _cpu_main(args) -> None:
             print(lines[-1], flush=True)
     text = (
         f"No GPU was available to this run: the CPU reference (`block_sparse_attention_reference`, the path every "
-        f"non-CUDA tensor takes) against the straightforward implementation, `F.scaled_dot_product_attention` over "
-        f"the whole key pyramid with an additive mask (-inf off the listed blocks, log of multiplicity and group size, "
-        f"bias). fp32, 1 x {CPU_HEADS} heads x {CPU_SEQ} tokens, head dim {CPU_DIM}, blocks of {CPU_BLOCK}, "
+        f"non-CUDA tensor takes; it gathers the listed slots, or masks dense attention when a row lists half the "
+        f"pyramid or more) against the straightforward implementation: build an additive mask over the whole key "
+        f"pyramid from the tables (-inf off the listed blocks; log of multiplicity and group size; bias) and call "
+        f"`F.scaled_dot_product_attention`. fp32, 1 x {CPU_HEADS} heads x {CPU_SEQ} tokens, head dim {CPU_DIM}, "
+        f"blocks of {CPU_BLOCK}, "
         f"{args.threads} threads; random distinct key blocks per (head, query block). Speed ratio = masked SDPA time / "
         "reference time (above 1 favours the reference). Peak = resident high-water mark of one call above the "
         "inputs.\n\n"
         + "\n".join(lines)
-        + "\n\n### GPU targets (open)\n\nNot yet measured: no session so far had a GPU "
-        "(`python benchmarks/kernels.py` on a CUDA machine measures them and writes the `kernels` section).\n\n"
-        + GPU_TARGETS
+        + "\n\n### GPU targets (open)\n\nNot yet measured: the run that wrote this section had no GPU. The same "
+        "command on a CUDA machine measures them and replaces this section with the GPU figures.\n\n" + GPU_TARGETS
     )
-    write_section("kernels_cpu", text, title="Block-sparse attention on the CPU: reference vs masked SDPA")
+    # One section name for both devices, so that the stamp names the command and a GPU run replaces this one.
+    write_section("kernels", text, title="Block-sparse attention (CPU only so far: reference vs masked SDPA)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,14 +113,13 @@ def _gather_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * h, -1, d)[rows, slots.reshape(b * h, *slots.shape[2:])].view(*slots.shape, d)
 
 
-def _softmax_attend(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) @ v; rows whose logits are all -inf give zeros, not NaN (and zero gradients)."""
-    top = logits.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
-    p = torch.exp(logits - top)
-    denom = p.sum(dim=-1, keepdim=True)
-    # Normalising the (rows x Dv) output costs less than normalising the (rows x keys) weights.
-    return torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Fused `scaled_dot_product_attention` (q: (N, M, Lq, D), k/v: (N, M, S, D), mask broadcastable to
+    (N, M, Lq, S)), except that a query row whose mask is -inf everywhere gives zeros (and zero gradients)
+    where SDPA would give NaN: an empty list, or a bias of -inf on every listed key."""
+    live = (mask > float("-inf")).any(dim=-1, keepdim=True)
+    mask = torch.where(live, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale) * live
 
 
 def default_query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int) -> int:
@@ -164,19 +163,16 @@ def _attend(q_blocks: torch.Tensor, pyramid: tuple, slots: torch.Tensor, valid: 
     mask = log_count[slots].masked_fill(~valid, float("-inf")).unsqueeze(-2)  # (B, H, m, 1, W)
     if rel_bias is not None:
         mask = mask + rel_bias[None, :, None]  # (B, H, m, bq, W)
-    # A row without a key (empty list, or a bias of -inf on every key) gives zeros, not SDPA's NaN.
-    live = (mask > float("-inf")).any(dim=-1, keepdim=True)
-    mask = torch.where(live, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
     b, h, m, bq, _ = q_blocks.shape
-    # Fused attention (the CPU flash kernel) on 4-D views: the probabilities are never held whole.
-    out = F.scaled_dot_product_attention(
+    # 4-D views keep SDPA on its fused CPU kernel: the probabilities are never held whole.
+    out = _masked_attention(
         q_blocks.reshape(b, h * m, bq, -1),
         _gather_slots(k_all, slots).flatten(1, 2),
         _gather_slots(v_all, slots).flatten(1, 2),
-        attn_mask=mask.flatten(1, 2),
-        scale=scale,
+        mask.flatten(1, 2),
+        scale,
     )
-    return out.view(b, h, m, bq, -1) * live
+    return out.view(b, h, m, bq, -1)
 
 
 def block_sparse_attention_reference(
@@ -191,8 +187,9 @@ def block_sparse_attention_reference(
     scale: float,
     num_levels: int = 1,
     query_block_chunk: int | None = None,
+    form: str = "auto",
 ) -> torch.Tensor:
-    """Block-sparse attention on the listed key blocks only (see the module docstring for the definition).
+    """Block-sparse attention, computed by the cheaper of its two exact forms (see the module docstring).
 
     Args:
         q: (B, H, Lq, D) queries.
@@ -209,10 +206,19 @@ def block_sparse_attention_reference(
         query_block_chunk: query blocks per slab in inference; `None` picks the largest slab whose gathered
             keys are no larger than `k`. Under autograd all blocks are computed at once (the saved activations
             dominate memory there).
+        form: "gather" attends to the gathered slots each query block lists; "masked" is
+            `block_sparse_attention_dense`; "auto" takes "masked" when the longest row lists at least half
+            of the pyramid (gathering would copy K and V about once per query block for no saving), else
+            "gather" (and always "gather" under torch.compile: the choice depends on the tables' values).
 
     Returns:
         (B, H, Lq, Dv); zero rows for query blocks without entries.
     """
+    if form not in ("auto", "gather", "masked"):
+        raise ValueError(f"form must be 'auto', 'gather' or 'masked', got {form!r}")
+    dense_args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+    if form == "masked":
+        return block_sparse_attention_dense(*dense_args)
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     mq, mk = _cdiv(lq, block_q), _cdiv(lk, block_k)
@@ -237,6 +243,9 @@ def block_sparse_attention_reference(
     if not slots:
         return q.new_zeros(b, h, lq, dv)
     slots, valid = _cat(slots, -1), _cat(valid, -1)  # (B, H, Mq, W)
+    pyramid_len = lk + sum(mk * _cdiv(block_k, 1 << p) for p in range(1, num_levels))
+    if form == "auto" and not torch.compiler.is_compiling() and 2 * slots.shape[-1] >= pyramid_len:
+        return block_sparse_attention_dense(*dense_args)
     pyramid = (_cat(keys, 2), _cat(values, 2), _cat(log_counts, 0), _cat(rel_biases, -1) if rel_biases else None)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
     chunk = query_block_chunk or default_query_block_chunk(k, mq, slots.shape[-1])
@@ -284,9 +293,8 @@ def block_sparse_attention_dense(
         key_bias.append((listed.unsqueeze(-1) + log_count).flatten(3))
         if bias is not None:
             rel_bias.append(pool_bias(bias, p).repeat(1, 1, mk))
-    logits = torch.matmul(q * scale, torch.cat(keys, 2).transpose(-1, -2))  # (B, H, Lq, T)
     rows = torch.arange(lq, device=q.device)
-    logits = logits + torch.cat(key_bias, -1)[:, :, rows // block_q]
+    mask = torch.cat(key_bias, -1)[:, :, rows // block_q]  # (B, H, Lq, S)
     if bias is not None:
-        logits = logits + torch.cat(rel_bias, -1)[:, rows % block_q].unsqueeze(0)
-    return _softmax_attend(logits, torch.cat(values, 2))
+        mask = mask + torch.cat(rel_bias, -1)[:, rows % block_q]
+    return _masked_attention(q, torch.cat(keys, 2), torch.cat(values, 2), mask, scale)

@@ -40,19 +40,22 @@ def test_reference_equals_dense_masked_form(bias_heads, table_heads):
     bias = None if bias_heads is None else torch.randn(bias_heads, 6, 7, dtype=F64)
     expected = block_sparse_attention_dense(q, k, v, index, level, bias, 6, 7, 0.4, num_levels=4)
     for chunk in (None, 1, 3):
-        out = block_sparse_attention_reference(q, k, v, index, level, bias, 6, 7, 0.4, 4, query_block_chunk=chunk)
+        args = (q, k, v, index, level, bias, 6, 7, 0.4, 4)
+        out = block_sparse_attention_reference(*args, query_block_chunk=chunk, form="gather")
         torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(block_sparse_attention_reference(*args), expected)  # "auto" picks either
     assert torch.equal(expected[0, 0, :6], torch.zeros(6, 4, dtype=F64))  # the empty row
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("form", ["gather", "masked"])
+def test_gradcheck_float64(form):
     q, k, v = _qkv(b=1, h=2, lq=7, lk=11, d=3, dv=2, grad=True)
     bias = torch.randn(1, 4, 4, dtype=F64, requires_grad=True)
     index = torch.tensor([[[[0, 2, -1], [1, 1, 2]]]])
     level = torch.tensor([[[[0, 2, 0], [1, 0, 2]]]])
 
     def fn(q, k, v, bias):
-        return block_sparse_attention_reference(q, k, v, index, level, bias, 4, 4, 0.7, num_levels=3)
+        return block_sparse_attention_reference(q, k, v, index, level, bias, 4, 4, 0.7, num_levels=3, form=form)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
