@@ -397,9 +397,10 @@ def _bias_strides(bias: torch.Tensor | None, heads: int) -> tuple[int, int]:
 
 
 def _index_args(q: torch.Tensor, kv_index: torch.Tensor, kv_level: torch.Tensor | None):
+    """Both tables broadcast to (B, H, Mq, K) with the same strides: the kernels index them with one set."""
     b, h = q.shape[:2]
-    index = kv_index.expand(b, h, *kv_index.shape[2:])
-    level = index if kv_level is None else kv_level.expand(index.shape)
+    index = kv_index.contiguous().expand(b, h, *kv_index.shape[2:])
+    level = index if kv_level is None else kv_level.contiguous().expand(index.shape)
     return index, level
 
 

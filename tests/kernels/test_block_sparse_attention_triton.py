@@ -109,7 +109,7 @@ def test_strided_inputs_and_int32_tables():
     bias_t = torch.randn(1, 10, 6, requires_grad=True)
     bias = bias_t.transpose(1, 2)
     index = torch.tensor([[[[1, 0], [0, -1], [1, 1], [0, 1]]]], dtype=torch.int32)
-    level = torch.tensor([[[[0, 1], [2, 0], [1, 0], [0, 0]]]], dtype=torch.int32)
+    level = torch.tensor([[[[0, 2, 1, 0], [1, 0, 0, 0]]]], dtype=torch.int32).transpose(-1, -2)  # other strides
     _check(q, k, v, index, level, bias, 6, 10, 0.3, 3)
 
 
