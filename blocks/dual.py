@@ -155,6 +155,9 @@ class ChannelAttention(nn.Module):
             # proj(mix(q)) = q @ (W_proj . blockdiag(weights))^T + b: one (N x C) @ (C x C) per image.
             mixed_proj = torch.einsum("ogi,bgij->bogj", self.proj.weight.view(c, self.num_heads, d), weights)
             mixed_proj = mixed_proj.reshape(b, c, c).transpose(1, 2)
+            if q.requires_grad:
+                # Saved for the backward, a view of q would keep the whole 3C-wide projection alive.
+                q = q.contiguous()
             if residual is None:
                 out = torch.matmul(q, mixed_proj)
             else:
