@@ -81,7 +81,9 @@ def run(threads: int | None, workdir: Path, extra: list[str]) -> dict:
             epoch_times[int(epoch)] = float(stamp) - start
             loads.append(os.getloadavg()[0])
             others.append(len(_busy_other_processes(own)))
-            print(line.strip(), f"load {loads[-1]:.1f}", flush=True)
+            print(
+                f"epoch {epoch} done {epoch_times[int(epoch)]:.0f} s after the start, load {loads[-1]:.1f}", flush=True
+            )
     proc.wait()
     total = time.time() - start
     loads.append(os.getloadavg()[0])

@@ -151,9 +151,10 @@ class SegmentationFolder(Dataset):
 class DigitsSegmentation(Dataset):
     """Canvases of scikit-learn's handwritten digits with per-pixel labels: 0 background, d + 1 for digit d.
 
-    Digits are cropped to their ink, pasted without overlap at random places of a blank canvas of
-    `image_size // digit_scale` cells, and the canvas is upscaled `digit_scale` times (bilinear for the
-    image, nearest for the labels). A cell belongs to a digit where its ink is at least `ink_threshold`.
+    A canvas of `image_size // digit_scale` cells is a grid of 8x8-cell slots; 1 to `max_digits` digits,
+    cropped to their ink, each take a slot of their own at a random offset in it, and the canvas is upscaled
+    `digit_scale` times (bilinear for the image, nearest for the labels). A cell belongs to a digit where its
+    ink is at least `ink_threshold`.
     The val canvases use only the digits held out by the same stratified split as `DigitsDataset`.
 
     Args:
@@ -162,7 +163,7 @@ class DigitsSegmentation(Dataset):
         image_size: canvas side in pixels.
         digit_scale: pixels per side of one 8x8-digit cell; 4 matches the stride of the finest feature map
             of a hierarchical backbone, so its predictions can follow the labels exactly.
-        max_digits: digits per canvas are drawn from 1..max_digits (fewer when they do not fit).
+        max_digits: digits per canvas are drawn from 1..max_digits (at most the number of slots).
         ink_threshold: ink share (0..1) from which a cell is labelled as its digit.
         val_fraction: share of the 1797 digits held out for val.
         split_seed: seed of the digit split and of the canvases.
@@ -177,7 +178,7 @@ class DigitsSegmentation(Dataset):
         size: int,
         image_size: int = 64,
         digit_scale: int = 4,
-        max_digits: int = 3,
+        max_digits: int = 4,
         ink_threshold: float = 0.25,
         val_fraction: float = 0.2,
         split_seed: int = 0,
@@ -200,23 +201,23 @@ class DigitsSegmentation(Dataset):
             np.arange(len(ink)), test_size=val_fraction, random_state=split_seed, stratify=digits.target
         )
         keep = np.sort(train_idx if split == "train" else val_idx)
+        # The canvas is a grid of 8 x 8-cell slots; each digit takes a slot of its own, at a random offset in it.
+        slots = [(r, c) for r in range(0, cells - 7, 8) for c in range(0, cells - 7, 8)]
+        if not 1 <= max_digits <= len(slots):
+            raise ValueError(f"data.max_digits must lie in [1, {len(slots)}] for {image_size}-pixel canvases")
         rng = np.random.default_rng([split_seed, 0 if split == "train" else 1])
         self.images, self.masks = [], []
         for _ in range(size):
             canvas, labels = np.zeros((cells, cells)), np.zeros((cells, cells), dtype=np.uint8)
-            taken = np.zeros((cells, cells), dtype=bool)
-            for index in rng.choice(keep, size=int(rng.integers(1, max_digits + 1)), replace=False):
+            count = int(rng.integers(1, max_digits + 1))
+            for slot, index in zip(
+                rng.choice(len(slots), count, replace=False), rng.choice(keep, count, replace=False), strict=True
+            ):
                 rows, cols = np.nonzero(ink[index] > 0)
                 glyph = ink[index][rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
                 h, w = glyph.shape
-                # Tries at a free spot; a digit that finds none is left out.
-                for _ in range(50):
-                    y, x = int(rng.integers(0, cells - h + 1)), int(rng.integers(0, cells - w + 1))
-                    if not taken[y : y + h, x : x + w].any():
-                        break
-                else:
-                    continue
-                taken[y : y + h, x : x + w] = True
+                y = slots[slot][0] + int(rng.integers(0, 8 - h + 1))
+                x = slots[slot][1] + int(rng.integers(0, 8 - w + 1))
                 canvas[y : y + h, x : x + w] = glyph
                 labels[y : y + h, x : x + w] = np.where(glyph >= ink_threshold, digits.target[index] + 1, 0)
             gray = Image.fromarray(np.round(canvas * 255).astype(np.uint8), mode="L")
@@ -329,7 +330,7 @@ class SegmentationData(LightningDataModule):
         train_size: int = 2000,
         val_size: int = 500,
         digit_scale: int = 4,
-        max_digits: int = 3,
+        max_digits: int = 4,
         ink_threshold: float = 0.25,
         val_fraction: float = 0.2,
         split_seed: int = 0,
