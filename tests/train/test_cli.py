@@ -201,12 +201,42 @@ def test_every_recipe_builds(tmp_path, monkeypatch, name):
     args += ["--model.ema_decay=null", "--model.ema_validate=false"]  # timm's EMA needs real weights
     if not name.endswith("_digits.yaml"):
         args.append(f"--data.root={_image_folder(tmp_path / 'data')}")
+    fine_tune = yaml.safe_load((CONFIGS / name).read_text())["model"].get("pretrained", False)
+    if fine_tune:
+        args.append("--model.pretrained=false")  # the authors' pre-trained file is not here
     cli = ClassificationCLI(args=args, run=False)
     assert cli.model.hparams.model_name == name.rsplit("_", 1)[0]
     assert cli.model.model.get_classifier().out_features == cli.datamodule.num_classes
     if name.endswith("_in1k.yaml"):
         assert cli.config.data.image_size == 224
-        assert cli.config.trainer.max_epochs - cli.config.model.cooldown_epochs == 300
+        # 300 epochs from scratch; the 22k -> 1k fine-tunings (CSWin-L) 30
+        assert cli.config.trainer.max_epochs - cli.config.model.cooldown_epochs == (30 if fine_tune else 300)
+
+
+@pytest.mark.parametrize("size, drop_path", [("t", 0.1), ("s", 0.2), ("b", 0.4)])
+def test_davit_recipes_compose_and_follow_the_paper(capsys, size, drop_path):
+    parts = (f"models/zoo_davit_{size}.yaml", "data/imagenet.yaml")
+    _, written, _ = _exit([f"--config={CONFIGS / f'zoo_davit_{size}_in1k.yaml'}", "--print_config"], capsys)
+    config = yaml.safe_load(written)
+    assert config["model"]["drop_path_rate"] == drop_path
+    assert config["model"]["lr"] * 1024 / (config["trainer"]["devices"] * config["data"]["batch_size"]) == 1e-3
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and config["model"]["ema_decay"] is None
+    _, composed, _ = _exit([*(f"--config={CONFIGS / p}" for p in parts), "--print_config"], capsys)
+    assert yaml.safe_load(composed)["model"]["drop_path_rate"] == drop_path
+
+
+def test_cswin_l_fine_tuning_slows_all_but_the_new_head(tmp_path):
+    args = [f"--config={CONFIGS / 'zoo_cswin_l_in1k.yaml'}", f"--data.root={_image_folder(tmp_path / 'data')}"]
+    args += ["--model.pretrained=false", "--model.model_name=zoo_cswin_t", "--model.ema_decay=null"]
+    args += ["--model.ema_validate=false", "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    args += ["--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]
+    cli = ClassificationCLI(args=args, run=False)
+    model = cli.model.model
+    groups = cli.model._param_groups()
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert {scale[id(p)] for n, p in model.named_parameters() if n.startswith("head.")} == {1.0}
+    assert {scale[id(p)] for n, p in model.named_parameters() if not n.startswith("head.")} == {0.05}
+    assert model.stages[0].grad_checkpointing  # --use-chk
 
 
 def test_lr_scales_slow_down_the_matching_parameters(tmp_path):
@@ -227,3 +257,13 @@ def test_lr_scales_slow_down_the_matching_parameters(tmp_path):
     full = [g for g in groups if g["lr_scale"] == 1.0]
     assert all(g["lr"] == pytest.approx(0.01 * full[0]["lr"]) for g in scaled)
     assert {g["weight_decay"] for g in full} == {0.0, 0.05}  # norms and biases still spared
+
+
+def test_fsdp_is_a_config_away(capsys):
+    # FSDP itself needs GPUs; here the composed config must resolve to Lightning's FSDPStrategy.
+    args = [f"--config={CONFIGS / 'zoo_maxvit_l_in1k.yaml'}", f"--config={CONFIGS / 'strategy' / 'fsdp.yaml'}"]
+    _, out, _ = _exit([*args, "--model.grad_checkpointing=true", "--print_config"], capsys)
+    config = yaml.safe_load(out)
+    assert config["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert config["trainer"]["strategy"]["init_args"]["sharding_strategy"] == "FULL_SHARD"
+    assert config["model"]["grad_checkpointing"] is True and config["model"]["model_name"] == "zoo_maxvit_l"

@@ -56,6 +56,8 @@ class ImageClassifier(LightningModule):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth rate.
         model_kwargs: further keyword arguments for `timm.create_model`.
+        grad_checkpointing: recompute each stage's activations in the backward (timm's
+            `set_grad_checkpointing`, like train.py's --grad-checkpointing), trading time for memory.
         opt: timm optimizer name ('adamw', 'sgd', 'lamb', ...).
         lr: peak learning rate (not scaled by batch size: give the one for your global batch).
         weight_decay: decoupled weight decay; norms, biases and `no_weight_decay()` get none.
@@ -93,6 +95,7 @@ class ImageClassifier(LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
         opt: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -138,6 +141,8 @@ class ImageClassifier(LightningModule):
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.ema: ModelEmaV3 | None = None
         if ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup)
