@@ -1,17 +1,17 @@
 """Pyramid sparse attention: per (query block, key block) pair, full keys, 2x/4x/8x pooled keys, or none.
 
 The op behind Pyramid Sparse Attention (PSA, arXiv:2512.04025). `pyramid_sparse_attention` checks its
-inputs once and runs the PyTorch reference. The Triton kernel comes with the block-sparse kernel work:
-until then `ZOO_KERNELS=triton` raises NotImplementedError, and `auto` takes the reference on every device.
+inputs once and picks the backend: the PyTorch reference, or on CUDA tensors (or `ZOO_KERNELS=triton`) the
+block-sparse Triton kernel, since PSA is block-sparse attention whose index table lists the kept key blocks
+and whose level table gives each one's pooling (factor 2**p at level p).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .._backend import kernel_backend, select_backend
+from .._backend import select_backend
+from ..block_sparse_attention import block_sparse_attention, tables_from_level_map
 from .reference import (
     LEVELS,
     POOL_FACTORS,
@@ -30,8 +30,6 @@ __all__ = [
     "pyramid_sparse_attention_masked",
     "pyramid_sparse_attention_reference",
 ]
-
-_log = logging.getLogger("kernels")
 
 
 def _check_inputs(
@@ -95,10 +93,12 @@ def pyramid_sparse_attention(
     _check_inputs(q, k, v, levels, block_q, block_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if select_backend("pyramid_sparse_attention", q, k, v) == "triton":
-        if kernel_backend() == "triton":
-            raise NotImplementedError(
-                "pyramid_sparse_attention has no Triton kernel yet (it comes with the block-sparse kernel work); "
-                "unset ZOO_KERNELS or set ZOO_KERNELS=torch to run the PyTorch reference"
-            )
-        _log.debug("pyramid_sparse_attention: no Triton kernel yet, torch path")
+        kv_index, kv_level = tables_from_level_map(_LEVEL_OF_FACTOR.to(levels.device)[levels.long()])
+        return block_sparse_attention(
+            q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=len(POOL_FACTORS)
+        )
     return pyramid_sparse_attention_reference(q, k, v, levels, block_q, block_k, scale)
+
+
+# PSA's level (0 skip, pooling factor 1/2/4/8) -> the block-sparse op's (-1 skip, pyramid level log2(factor)).
+_LEVEL_OF_FACTOR = torch.tensor([-1, 0, 1, -1, 2, -1, -1, -1, 3])

@@ -189,3 +189,25 @@ def test_sizes_on_the_meta_device():
             size: sum(p.numel() for p in VideoDiT.from_size(size).parameters()) for size in ("xs", "s", "wan-1.3b")
         }
     assert counts["xs"] < 250_000 and 4e6 < counts["s"] < 7e6 and 1.4e9 < counts["wan-1.3b"] < 1.6e9
+
+
+def test_psa_gives_same_output_and_grads_on_either_kernel_backend(monkeypatch, caplog):
+    # ZOO_KERNELS=triton puts PSA on the block-sparse Triton kernel (interpreted on the CPU here, fp32).
+    model = _model(attention="psa", psa_config=PSAConfig(warmup_steps=0, **SMALL_PSA).to_dict())
+    model.eval()  # no random label dropout between the two runs
+    x = torch.randn(1, 3, 4, 16, 16)
+    t, labels = torch.tensor([600.0]), torch.tensor([2])
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("ZOO_KERNELS", backend)
+        model.zero_grad()
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="kernels"):
+            out = model(x, t, labels).sample
+        assert f"pyramid_sparse_attention: {backend} path" in caplog.text
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    assert len(results[1][1]) == len(results[0][1]) > 0
+    for g_triton, g_torch in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(g_triton, g_torch, rtol=1e-3, atol=1e-5)
