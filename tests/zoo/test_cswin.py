@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 import pytest
 import timm
@@ -175,3 +176,16 @@ def test_other_input_sizes(model, shape):
 def test_too_small_input_raises(model):
     with pytest.raises(ValueError, match=r"H, W >= 32, got \(1, 3, 31, 64\)"):
         model(torch.randn(1, 3, 31, 64))
+
+
+def test_logits_equal_the_official_attention_path(model):
+    # The anchor recomputes every attention module the way the official code does (its layout, reshapes and
+    # explicit softmax; benchmarks/cswin_litv2_vs_official.py), on the same weights.
+    from benchmarks.cswin_litv2_vs_official import _swap_attention
+
+    anchor = _swap_attention(copy.deepcopy(model))
+    assert sum(type(m).__name__.startswith("Official") for m in anchor.modules()) > 0
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours, official = model(x), anchor(x)
+    assert ((ours - official).abs().max() / official.abs().max()).item() <= 1e-5
