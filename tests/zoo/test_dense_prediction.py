@@ -14,6 +14,7 @@ import zoo.integrations.mmengine  # noqa: F401  (registers ZooBackbone)
 from benchmarks.anchors.biformer_official import random_official_state_dict
 from tests.zoo.test_timm_contract import MODELS as SMALLEST
 from zoo.integrations import DenseBackbone
+from zoo.integrations.dense import OUT_NORMS
 from zoo.integrations.torchvision import backbone_with_fpn
 
 CONFIGS = Path(__file__).parent / "mm_configs"
@@ -34,13 +35,109 @@ def test_config_with_base_and_override_builds_through_registry():
 
 @pytest.mark.parametrize("arch", SMALLEST)
 def test_every_family_gives_four_maps_with_strides_on_non_square_input(arch):
-    model = MODELS.build(dict(type="ZooBackbone", arch=arch, out_indices=(0, 1, 2, 3))).eval()
+    cfg = Config.fromfile(str(CONFIGS / "_base_" / "zoo_backbone.py"))
+    cfg.merge_from_dict({"backbone.arch": arch, "backbone.drop_path_rate": 0.0})
+    model = MODELS.build(cfg.backbone).eval()
+    assert model.strides == [4, 8, 16, 32]
     x = torch.randn(1, 3, 224, 160)
     with torch.no_grad():
         feats = model(x)
     assert len(feats) == 4
     for f, c, s in zip(feats, model.channels, (4, 8, 16, 32), strict=True):
         assert f.shape == (1, c, -(-224 // s), -(-160 // s))
+    # The per-stage output norms are those of the family's authors' dense backbone, with their epsilon.
+    spec = OUT_NORMS.get(arch.split("_")[1])
+    for norm in model.backbone.out_norms:
+        if spec is None:
+            assert isinstance(norm, torch.nn.Identity)
+        else:
+            assert isinstance(norm, timm.layers.LayerNorm2d) and norm.eps == spec.eps
+
+
+def _authors_dense_keys(family: str) -> tuple[str, dict, dict[str, tuple[int, ...]], list[str]]:
+    """(arch, model kwargs, authors' dense backbone key -> shape, authors' norm names by stage) of one family.
+
+    The authors' dense backbones keep the classification keys but drop the classifier and the final norm,
+    and add one LayerNorm per output stage (see the OUT_NORMS comment for where each family's code does).
+    """
+    from tests.zoo.test_cswin import official_cswin_shapes
+    from tests.zoo.test_davit import NARROW, official_davit_shapes
+    from tests.zoo.test_focalnet import OFFICIAL_VARIANTS, official_focalnet_shapes
+    from tests.zoo.test_litv2 import official_litv2_shapes
+
+    if family == "cswin":
+        arch, kwargs, shapes, dims = "zoo_cswin_t", {}, official_cswin_shapes("t"), (64, 128, 256, 512)
+        names = [f"norm{i + 1}" for i in range(4)]
+    elif family == "davit":
+        arch, kwargs, dims = "zoo_davit_t", NARROW, NARROW["embed_dims"]
+        shapes = official_davit_shapes(NARROW["depths"], dims)
+        names = [f"norm{i}" for i in range(4)]
+    elif family == "focalnet":
+        arch, kwargs, official_kwargs, _ = OFFICIAL_VARIANTS["srf"]
+        shapes = official_focalnet_shapes(**official_kwargs)
+        dims, names = tuple(kwargs["embed_dim"] * 2**i for i in range(4)), [f"norm{i}" for i in range(4)]
+    else:
+        arch, kwargs, shapes, dims = "zoo_litv2_s", {}, official_litv2_shapes("s"), (96, 192, 384, 768)
+        names = [f"norm{i}" for i in range(4)]
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(("head.", "norm.", "norms."))}
+    for name, dim in zip(names, dims, strict=True):
+        shapes |= {f"{name}.weight": (dim,), f"{name}.bias": (dim,)}
+    return arch, kwargs, shapes, names
+
+
+@pytest.mark.parametrize(
+    "family, without",
+    [("cswin", None), ("davit", None), ("focalnet", None), ("litv2", None), ("litv2", "norm0")],
+)
+def test_authors_dense_checkpoint_loads_with_their_output_norms(family, without, tmp_path):
+    arch, kwargs, shapes, names = _authors_dense_keys(family)
+    torch.manual_seed(0)
+    official = {k: torch.randn(shape) for k, shape in shapes.items() if not k.startswith(f"{without}.")}
+    # As mmdet/mmseg save a detector: the backbone under "backbone.", beside the neck/heads and metadata.
+    state = {f"backbone.{k}": v for k, v in official.items()} | {"decode_head.conv_seg.weight": torch.randn(4, 8)}
+    torch.save({"meta": {"epoch": 12}, "state_dict": state}, tmp_path / "dense.pth")
+    model = MODELS.build(
+        dict(type="ZooBackbone", arch=arch, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "dense.pth")))
+        | kwargs
+    )
+    model.init_weights()
+    norms = model.backbone.out_norms
+    for i, name in enumerate(names):
+        if name == without:  # LITv2's detection backbone has no norm at stage 0, and neither has ours then
+            assert isinstance(norms[i], torch.nn.Identity)
+        else:
+            torch.testing.assert_close(norms[i].weight, official[f"{name}.weight"])
+            torch.testing.assert_close(norms[i].bias, official[f"{name}.bias"])
+    stem = next(v for v in official.values() if v.ndim == 4 and v.shape[1] == 3)
+    assert any(torch.equal(stem, p) for p in model.backbone.body.parameters())
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == model.channels and all(torch.isfinite(f).all() for f in feats)
+
+
+def test_zoo_segmentation_export_loads_back_as_backbone(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoo.training.segmentation import SemanticSegmentationModel
+
+    tiny = dict(depths=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), n_win=4)
+    seg = SemanticSegmentationModel("zoo_biformer_t", 3, fpn_channels=16, head_channels=8, model_kwargs=tiny).eval()
+    with torch.no_grad():
+        for p in seg.backbone.out_norms.parameters():
+            p.add_(torch.randn_like(p))
+    # train/seg.py's best.safetensors: the SemanticSegmentationModel's own state dict.
+    save_file(seg.state_dict(), tmp_path / "best.safetensors")
+    init_cfg = dict(type="Pretrained", checkpoint=str(tmp_path / "best.safetensors"))
+    model = MODELS.build(dict(type="ZooBackbone", arch="zoo_biformer_t", init_cfg=init_cfg) | tiny).eval()
+    model.init_weights()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for ours, exported in zip(model(x), seg.backbone(x), strict=True):
+            torch.testing.assert_close(ours, exported)
+    extra = seg.state_dict() | {"backbone.body.stray.weight": torch.zeros(2)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(KeyError, match="backbone.body.stray|stray.weight"):
+        DenseBackbone("zoo_biformer_t", pretrained=str(tmp_path / "extra.safetensors"), **tiny)
 
 
 def test_pretrained_init_cfg_uses_safe_loader(tmp_path):

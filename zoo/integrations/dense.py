@@ -1,9 +1,8 @@
 """Zoo backbones in their dense-prediction form: multi-scale feature maps for detection/segmentation.
 
-The form follows the authors' detection/segmentation code: no classifier or final norm, optional
-per-stage output norms where the authors add them (BiFormer's `extra_norms`, a LayerNorm2d per
-stage), frozen stages, BatchNorm kept in eval mode (`norm_eval`), any input size, and gradient
-checkpointing for memory.
+The form follows the authors' detection/segmentation code: no classifier or final norm, per-stage
+output norms where the authors add them (see `OUT_NORMS`), frozen stages, BatchNorm kept in eval mode
+(`norm_eval`), any input size, and gradient checkpointing for memory.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -19,10 +19,42 @@ from timm.layers import LayerNorm2d
 
 from ..checkpoint import load_state_dict_file
 
-__all__ = ["DenseBackbone", "OUT_NORMS"]
+__all__ = ["DenseBackbone", "OUT_NORMS", "OutNorm"]
 
-# Families whose authors' dense-prediction backbones normalize every output stage.
-OUT_NORMS = {"biformer": "layernorm2d"}
+
+@dataclass(frozen=True)
+class OutNorm:
+    """A family's per-stage output norm as its authors' detection/segmentation backbone adds it.
+
+    Every one is a LayerNorm over the channels of one stage's output.
+
+    Attributes:
+        key: the norm's name in the authors' dense checkpoints, "{}" standing for its number.
+        eps: the norm's epsilon.
+        first: the number the authors give to stage 0.
+    """
+
+    key: str
+    eps: float = 1e-5
+    first: int = 0
+
+    def pattern(self) -> re.Pattern:
+        """Matches an authors' norm key, e.g. "norm2.weight"; group 1 is the number, group 2 the tensor."""
+        return re.compile("^" + re.escape(self.key).replace(r"\{\}", r"(\d+)") + r"\.(weight|bias)$")
+
+
+# The authors' dense backbones normalize each output stage (MaxViT has no official dense code, so timm's
+# form, without output norms, stands): BiFormer's `extra_norms` (timm's LayerNorm2d), CSWin's
+# `norm1..norm4`, DaViT's, FocalNet's and LITv2's `norm{i}` per out index (nn.LayerNorm). LITv2's
+# detection backbone leaves stage 0 unnormalized, its segmentation backbone does not: the default
+# follows the segmentation code, and a detection checkpoint without `norm0` loads with no norm there.
+OUT_NORMS = {
+    "biformer": OutNorm("extra_norms.{}", eps=1e-6),
+    "cswin": OutNorm("norm{}", first=1),
+    "davit": OutNorm("norm{}"),
+    "focalnet": OutNorm("norm{}"),
+    "litv2": OutNorm("norm{}"),
+}
 
 
 def _family(arch: str) -> str:
@@ -38,11 +70,13 @@ class DenseBackbone(nn.Module):
         drop_path_rate: stochastic depth of the backbone.
         frozen_stages: -1 freezes nothing; k >= 0 freezes the stem and the first k stages.
         norm_eval: keep BatchNorm layers in eval mode (running statistics frozen) during training.
-        out_norm: "auto" (the family's authors' choice, see OUT_NORMS), "layernorm2d" or None.
+        out_norm: "auto" (the family's authors' choice, see OUT_NORMS), "layernorm2d" (a norm on every
+            stage) or None (none).
         with_cp: gradient checkpointing inside the stages.
         pretrained: path of a checkpoint: a classification release file of the family (converted by its
             `checkpoint_filter_fn`), a file with the zoo's keys, or a dense-prediction checkpoint whose
-            backbone keys start with "backbone." (as mmdet/mmseg save them).
+            backbone keys start with "backbone.": the authors' (as mmdet/mmseg save them) or the zoo's own
+            (train/seg.py's `best.safetensors`).
         model_kwargs: further arguments of the model constructor.
     """
 
@@ -68,10 +102,13 @@ class DenseBackbone(nn.Module):
         info = self.body.feature_info
         self.channels = [info[i]["num_chs"] for i in self.out_indices]
         self.strides = [info[i]["reduction"] for i in self.out_indices]
-        norm = OUT_NORMS.get(_family(arch)) if out_norm == "auto" else out_norm
-        if norm not in (None, "layernorm2d"):
+        if out_norm not in ("auto", "layernorm2d", None):
             raise ValueError(f"out_norm must be 'auto', 'layernorm2d' or None, got {out_norm!r}")
-        self.out_norms = nn.ModuleList(LayerNorm2d(c) if norm else nn.Identity() for c in self.channels)
+        spec = OUT_NORMS.get(_family(arch))
+        self.out_norm_spec = spec
+        use_norm = spec is not None if out_norm == "auto" else out_norm is not None
+        eps = spec.eps if spec else 1e-6
+        self.out_norms = nn.ModuleList(LayerNorm2d(c, eps=eps) if use_norm else nn.Identity() for c in self.channels)
         if with_cp:
             self.body.set_grad_checkpointing(True)
         if pretrained:
@@ -99,31 +136,79 @@ class DenseBackbone(nn.Module):
         return self
 
     def load_pretrained(self, path: str) -> None:
-        """Load a checkpoint (see the class docstring) strictly into the backbone, without running its code."""
+        """Load a checkpoint (see the class docstring) strictly into the backbone, without running its code.
+
+        Dense checkpoints come in two layouts under "backbone.": the zoo's own (`body.*` and `out_norms.*`,
+        as train/seg.py exports them) and the authors' (their classification keys beside the per-stage norms
+        named as in `OUT_NORMS`). Stages whose norm a dense checkpoint lacks ran without one (LITv2's
+        detection backbone at stage 0), so their norm becomes the identity.
+        """
         state_dict = load_state_dict_file(path, keys=("model", "state_dict", "module"))
-        dense = any(k.startswith("backbone.") for k in state_dict)
-        if dense:
-            dense = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-            # The authors' dense checkpoints keep the classification keys plus per-stage "extra_norms".
-            norms = {re.sub(r"^extra_norms\.", "out_norms.", k): v for k, v in dense.items() if "extra_norms." in k}
-            state_dict = {k: v for k, v in dense.items() if "extra_norms." not in k}
-            _, unexpected = self.out_norms.load_state_dict(
-                {k[len("out_norms.") :]: v for k, v in norms.items()}, strict=False
-            )
+        dense = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        if not dense:
+            self._load_body(self._convert(state_dict, dense=False), path)
+            return
+        if any(k.startswith("body.") for k in dense):
+            body = {k[len("body.") :]: v for k, v in dense.items() if k.startswith("body.")}
+            norms = {k[len("out_norms.") :]: v for k, v in dense.items() if k.startswith("out_norms.")}
+            unexpected = sorted(k for k in dense if not k.startswith(("body.", "out_norms.")))
             if unexpected:
-                raise KeyError(f"{path}: unexpected output-norm keys {unexpected[:8]}")
+                raise KeyError(f"{path}: unexpected backbone keys {unexpected[:8]}")
+            self._load_body(body, path, strict=True)
+        else:
+            body, norms = self._split_authors_norms(dense, path)
+            self._load_body(self._convert(body, dense=True), path)
+        self._load_out_norms(norms, path)
+
+    def _split_authors_norms(
+        self, dense: dict[str, torch.Tensor], path: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Separates the authors' output norms from the body keys; the norms are keyed "<position>.<tensor>"."""
+        if self.out_norm_spec is None:
+            return dense, {}
+        pattern, body, norms = self.out_norm_spec.pattern(), {}, {}
+        for key, value in dense.items():
+            match = pattern.match(key)
+            if match is None:
+                body[key] = value
+                continue
+            stage = int(match.group(1)) - self.out_norm_spec.first
+            # A norm of a stage this backbone does not return has nothing to normalize here.
+            if stage in self.out_indices:
+                norms[f"{self.out_indices.index(stage)}.{match.group(2)}"] = value
+        return body, norms
+
+    def _convert(self, state_dict: dict[str, torch.Tensor], dense: bool) -> dict[str, torch.Tensor]:
+        """The family's `checkpoint_filter_fn` applied to a release file's (or the authors' dense) keys."""
         filter_fn = getattr(importlib.import_module(type(self.body).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is None:
+            return state_dict
         if dense:
             target = self.body  # the authors' dense checkpoints drop the final norm and head, as the body does
         else:
             with torch.device("meta"):  # only the key names and shapes are needed
                 target = timm.create_model(self.arch, num_classes=0)
-        converted = filter_fn(state_dict, target) if filter_fn else state_dict
+        return filter_fn(state_dict, target)
+
+    def _load_body(self, converted: dict[str, torch.Tensor], path: str, strict: bool = False) -> None:
         own = self.body.state_dict()
         missing = [k for k in own if k not in converted]
         if missing:
             raise KeyError(f"{path}: missing backbone keys {missing[:8]}")
+        unexpected = [k for k in converted if k not in own]
+        if strict and unexpected:
+            raise KeyError(f"{path}: unexpected backbone keys {unexpected[:8]}")
         self.body.load_state_dict({k: converted[k] for k in own}, strict=True)
+
+    def _load_out_norms(self, norms: dict[str, torch.Tensor], path: str) -> None:
+        has = {int(k.split(".")[0]) for k in norms}
+        unexpected = [k for k in norms if isinstance(self.out_norms[int(k.split(".")[0])], nn.Identity)]
+        if unexpected:
+            raise KeyError(f"{path}: unexpected output-norm keys {unexpected[:8]} (this backbone has no norm there)")
+        for position in range(len(self.out_norms)):
+            if position not in has:
+                self.out_norms[position] = nn.Identity()
+        self.out_norms.load_state_dict(norms, strict=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: (B, C, H, W) -> one (B, C_i, ceil(H / s_i), ceil(W / s_i)) map per out index."""
