@@ -1,18 +1,34 @@
 """Pieces every zoo backbone shares on top of timm's builder: input checks, safe weight loading,
-and a strict key comparison that names what does not match."""
+key conversion with a strict comparison that names what does not match, the pretrained-cfg fields
+and the builder call, and the timm model contract (`StagedBackbone`)."""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models import checkpoint_seq
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import load_state_dict_file
 
-__all__ = ["StagedBackbone", "check_image_input", "load_pretrained_file_safely", "strict_key_check"]
+__all__ = [
+    "StagedBackbone",
+    "backbone_cfg",
+    "check_image_input",
+    "convert_state_dict",
+    "create_backbone",
+    "load_pretrained_file_safely",
+    "rename_keys",
+    "strict_key_check",
+]
+
+KeyRule = tuple[str, str | Callable[[re.Match], str]]
 
 
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
@@ -65,6 +81,34 @@ def load_pretrained_file_safely(pretrained: bool, kwargs: dict, state_dict_keys:
     return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
+def rename_keys(state_dict: dict[str, torch.Tensor], rules: Sequence[KeyRule]) -> dict[str, torch.Tensor]:
+    """A copy of state_dict with every key rewritten by each (pattern, replacement) of rules, in order."""
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        converted[key] = value
+    return converted
+
+
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module, rules: Sequence[KeyRule], own_key: str, source: str
+) -> dict[str, torch.Tensor]:
+    """An official checkpoint's state dict renamed to the model's keys by rules, strictly checked.
+
+    A state dict that holds own_key (one of the model's own keys) is already in the model's layout
+    (e.g. a safetensors export of ours) and is only checked.
+
+    Raises:
+        KeyError: naming the keys the model needs but the checkpoint lacks, or the checkpoint's keys
+            the model has no place for.
+        ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
+    """
+    converted = dict(state_dict) if own_key in state_dict else rename_keys(state_dict, rules)
+    strict_key_check(converted, model, classifier="head.fc", source=source)
+    return converted
+
+
 def strict_key_check(state_dict: dict[str, torch.Tensor], model: nn.Module, classifier: str, source: str) -> None:
     """Compare converted keys and shapes with the model's; raise naming the first mismatches.
 
@@ -89,17 +133,93 @@ def strict_key_check(state_dict: dict[str, torch.Tensor], model: nn.Module, clas
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape, first: {wrong[:4]}")
 
 
+def backbone_cfg(
+    url: str,
+    *,
+    crop_pct: float,
+    first_conv: str,
+    paper_ids: str,
+    paper_name: str,
+    origin_url: str,
+    license: str,
+    **kwargs,
+) -> dict:
+    """A pretrained cfg for an ImageNet-1k classifier at 224 x 224 (stride 32, ImageNet mean/std,
+    bicubic, inputs from 32 x 32, classifier `head.fc`); kwargs override or add fields."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "min_input_size": (3, 32, 32),
+        "pool_size": (7, 7),
+        "crop_pct": crop_pct,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head.fc",
+        "paper_ids": paper_ids,
+        "paper_name": paper_name,
+        "origin_url": origin_url,
+        "license": license,
+        **kwargs,
+    }
+
+
+def create_backbone(
+    model_cls: type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    checkpoint_filter_fn: Callable[[dict, nn.Module], dict],
+    state_dict_keys: tuple[str, ...],
+    /,
+    **kwargs,
+) -> nn.Module:
+    """Build a four-stage backbone with timm's builder: weights read by `load_pretrained_file_safely`
+    and converted by checkpoint_filter_fn, `features_only` through the model's `forward_intermediates`.
+
+    Args:
+        model_cls: the backbone class.
+        variant: the registered name (`zoo_<family>_<size>`).
+        pretrained: whether to load weights.
+        checkpoint_filter_fn: converts a checkpoint's state dict to the model's keys, strictly.
+        state_dict_keys: where the authors' checkpoint keeps the model's tensors, in order.
+        kwargs: the model's arguments and timm's (`out_indices`, `pretrained_cfg_overlay`, ...).
+    """
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=state_dict_keys)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
 class StagedBackbone(nn.Module):
     """timm's model contract for the zoo's four-stage backbones, written once.
 
     A subclass builds `stem`, `stages` (an nn.Sequential whose stages carry a `grad_checkpointing`
-    flag), `norm` (the final norm, applied in `stage_format`), `head` (timm's `ClassifierHead`, NCHW),
-    `feature_info`, `in_chans` and `min_input_size`, and sets `stage_format` to the layout its stages
-    return: "NCHW" or "NHWC" (channels-last).
+    flag), `norm` (the final norm, applied in `stage_format`; nn.Identity where the head normalises
+    after pooling), `head` (timm's `ClassifierHead` or `NormMlpClassifierHead`, NCHW), `feature_info`,
+    `in_chans` and `min_input_size`, and sets `stage_format` to the layout its stages return: "NCHW"
+    or "NHWC" (channels-last). `_init_weights` is the official models' common init, for
+    `self.apply(self._init_weights)`; a family that differs overrides it, `no_weight_decay` (position
+    tables) or `prune_intermediate_layers` (a norm inside the head).
     """
 
     stage_format = "NCHW"
     grad_checkpointing = False
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # As the official models: truncated-normal linears, zero biases; other layers keep their own init.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def _to_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         if fmt == self.stage_format:

@@ -13,18 +13,16 @@ Any input of at least 32 x 32 works: regions pad as the official `auto_pad` does
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE
 
-from ._contract import StagedBackbone, load_pretrained_file_safely, strict_key_check
+from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
 
@@ -195,14 +193,6 @@ class BiFormer(StagedBackbone):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the official model: truncated-normal linears, zero biases; convs keep PyTorch's default.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
 
 # Official key -> ours. The official model is a flat list of downsample layers and stages of blocks;
 # ours nests the downsampling inside each stage, names the stem, and uses timm's Mlp and head.
@@ -222,54 +212,26 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: BiFormer) -
     """Convert an official BiFormer state dict (or one of ours) to this model's keys, strictly.
 
     Raises:
-        KeyError: naming the keys the model needs but the checkpoint lacks, or the checkpoint's keys
-            the model has no place for.
-        ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
+        KeyError, ValueError: as `convert_state_dict`, naming the keys that do not match.
     """
-    if "stem.0.weight" in state_dict:  # already ours (e.g. a safetensors export)
-        converted = dict(state_dict)
-    else:
-        converted = {}
-        for key, value in state_dict.items():
-            for pattern, repl in _KEY_RULES:
-                key = re.sub(pattern, repl, key)
-            converted[key] = value
-    strict_key_check(converted, model, classifier="head.fc", source="BiFormer checkpoint")
-    return converted
+    return convert_state_dict(state_dict, model, _KEY_RULES, own_key="stem.0.weight", source="BiFormer checkpoint")
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("model", "state_dict"))
-    return build_model_with_cfg(
-        BiFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, ("model", "state_dict"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, 32, 32),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2303.08810",
-        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-        "origin_url": "https://github.com/rayleizhu/BiFormer",
-        "license": "mit",
+    return backbone_cfg(
+        url,
+        crop_pct=0.875,
+        first_conv="stem.0",
+        paper_ids="arXiv:2303.08810",
+        paper_name="BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        origin_url="https://github.com/rayleizhu/BiFormer",
+        license="mit",
         **kwargs,
-    }
+    )
 
 
 _ONEDRIVE = "https://api.onedrive.com/v1.0/shares/{}/root/content"

@@ -20,14 +20,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.cross_shaped import CrossShapedWindowAttention
 
-from ._contract import check_image_input, load_pretrained_file_safely, strict_key_check
+from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 
 __all__ = ["CSWin", "checkpoint_filter_fn"]
 
@@ -150,7 +148,7 @@ class CSWinStage(nn.Module):
         return self.blocks(x)
 
 
-class CSWin(nn.Module):
+class CSWin(StagedBackbone):
     """CSWin Transformer backbone and classifier with timm's model interface.
 
     Args:
@@ -168,6 +166,8 @@ class CSWin(nn.Module):
         attn_drop_rate: attention-probability dropout.
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
     """
+
+    stage_format = "NHWC"
 
     def __init__(
         self,
@@ -226,116 +226,6 @@ class CSWin(nn.Module):
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, **dd)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the official model: truncated-normal linears with zero bias; convs keep PyTorch's default.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        # No position tables or tokens; timm's optimizer factory already spares norms and biases.
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.in_chans, self.min_input_size)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs, (B, C_i, H_i, W_i) each at stride 2 ** (i + 2), as timm defines the call.
-
-        Args:
-            x: (B, C, H, W) images.
-            indices: last n stages if int, all if None, else the stage indices to return.
-            norm: apply the final LayerNorm to the last stage's map.
-            stop_early: stop after the last requested stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: return only the list of stage outputs.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                x_out = self.norm(x) if norm and i == last_idx else x
-                intermediates.append(x_out if output_fmt == "NHWC" else x_out.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        if i == last_idx:
-            x = self.norm(x)
-        return x.permute(0, 3, 1, 2), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages (and norm/head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C4, H4, W4) at stride 32, after the final LayerNorm."""
-        self._check_input(x)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x).permute(0, 3, 1, 2)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """x: (B, C4, h, w) -> logits (B, num_classes), or pooled features (B, C4) if pre_logits."""
-        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _shift_stage(match: re.Match) -> str:
     # The official modules count stages from 1 (stage1..stage4) and merges by the stage they feed.
@@ -359,56 +249,29 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CSWin) -> d
     """Convert an official CSWin state dict (or one of ours) to this model's keys, strictly.
 
     Raises:
-        KeyError: naming the keys the model needs but the checkpoint lacks, or the checkpoint's keys
-            the model has no place for.
-        ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
+        KeyError, ValueError: as `convert_state_dict`, naming the keys that do not match.
     """
-    if "stem.conv.weight" in state_dict:  # already ours (e.g. a safetensors export)
-        converted = dict(state_dict)
-    else:
-        converted = {}
-        for key, value in state_dict.items():
-            for pattern, repl in _KEY_RULES:
-                key = re.sub(pattern, repl, key)
-            converted[key] = value
-    strict_key_check(converted, model, classifier="head.fc", source="CSWin checkpoint")
-    return converted
+    return convert_state_dict(state_dict, model, _KEY_RULES, own_key="stem.conv.weight", source="CSWin checkpoint")
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWin:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     # The authors evaluate their EMA weights (main.py: --model-ema defaults to True), which the release
     # files keep under `state_dict_ema`.
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("state_dict_ema", "state_dict", "model"))
-    return build_model_with_cfg(
-        CSWin,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    keys = ("state_dict_ema", "state_dict", "model")
+    return create_backbone(CSWin, variant, pretrained, checkpoint_filter_fn, keys, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, 32, 32),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2107.00652",
-        "paper_name": "CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
-        "origin_url": "https://github.com/microsoft/CSWin-Transformer",
-        "license": "mit",
+    return backbone_cfg(
+        url,
+        crop_pct=0.9,
+        first_conv="stem.conv",
+        paper_ids="arXiv:2107.00652",
+        paper_name="CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
+        origin_url="https://github.com/microsoft/CSWin-Transformer",
+        license="mit",
         **kwargs,
-    }
+    )
 
 
 _RELEASE = "https://github.com/microsoft/CSWin-Transformer/releases/download/v0.1.0/{}"

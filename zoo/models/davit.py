@@ -14,21 +14,19 @@ to the stride, and the window attention pads to the window and crops back.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import LayerNorm2d, NormMlpClassifierHead
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from blocks.dual import ChannelBlock, SpatialBlock
 
-from ._contract import StagedBackbone, load_pretrained_file_safely, strict_key_check
+from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
 
 __all__ = ["DaVit", "checkpoint_filter_fn"]
 
@@ -211,14 +209,6 @@ class DaVit(StagedBackbone):
         )
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the official model: truncated-normal linears, zero biases; convs keep PyTorch's default.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
@@ -261,47 +251,27 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DaVit) -> d
         layout = "timm layout" if "stem.conv.weight" in state_dict else "neither the official nor timm's layout"
         converted, source = dict(state_dict), f"DaViT checkpoint ({layout})"
     else:
-        converted, source = {}, "DaViT checkpoint (official layout)"
-        for key, value in state_dict.items():
-            for pattern, repl in _KEY_RULES:
-                key = re.sub(pattern, repl, key)
-            converted[key] = value
+        converted, source = rename_keys(state_dict, _KEY_RULES), "DaViT checkpoint (official layout)"
     strict_key_check(converted, model, classifier="head.fc", source=source)
     return converted
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("state_dict", "model"))
-    return build_model_with_cfg(
-        DaVit,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(DaVit, variant, pretrained, checkpoint_filter_fn, ("state_dict", "model"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, 1, 1),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2204.03645",
-        "paper_name": "DaViT: Dual Attention Vision Transformers",
-        "origin_url": "https://github.com/dingmyu/davit",
-        "license": "mit",
+    return backbone_cfg(
+        url,
+        crop_pct=0.875,
+        first_conv="stem.conv",
+        paper_ids="arXiv:2204.03645",
+        paper_name="DaViT: Dual Attention Vision Transformers",
+        origin_url="https://github.com/dingmyu/davit",
+        license="mit",
+        min_input_size=(3, 1, 1),
         **kwargs,
-    }
+    )
 
 
 _SHAREPOINT = "https://connecthkuhk-my.sharepoint.com/:u:/g/personal/u3007305_connect_hku_hk/{}"

@@ -23,13 +23,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.focal_modulation import FocalNetBlock
 
-from ._contract import StagedBackbone, load_pretrained_file_safely, strict_key_check
+from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
 
 __all__ = ["FocalNet", "checkpoint_filter_fn"]
 
@@ -212,14 +211,6 @@ class FocalNet(StagedBackbone):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the official model: truncated-normal linears, zero biases; convs keep PyTorch's default.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
@@ -260,12 +251,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FocalNet) -
         for key, value in state_dict.items():
             converted[re.sub(r"^layers\.", "stages.", key) if timm_layout else key] = value
     else:
-        converted, source = {}, "FocalNet checkpoint (official layout)"
         rules = _KEY_RULES + ((_POST_NORM_RULE,) if model.use_post_norm else ())
-        for key, value in state_dict.items():
-            for pattern, repl in rules:
-                key = re.sub(pattern, repl, key)
-            converted[key] = value
+        converted, source = rename_keys(state_dict, rules), "FocalNet checkpoint (official layout)"
     expected = model.state_dict()
     for key, value in converted.items():
         target = expected.get(key)
@@ -276,37 +263,20 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FocalNet) -
 
 
 def _create_focalnet(variant: str, pretrained: bool = False, **kwargs) -> FocalNet:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("model", "state_dict"))
-    return build_model_with_cfg(
-        FocalNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(FocalNet, variant, pretrained, checkpoint_filter_fn, ("model", "state_dict"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, 32, 32),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2203.11926",
-        "paper_name": "Focal Modulation Networks",
-        "origin_url": "https://github.com/microsoft/FocalNet",
-        "license": "mit",
+    return backbone_cfg(
+        url,
+        crop_pct=0.875,
+        first_conv="stem.proj",
+        paper_ids="arXiv:2203.11926",
+        paper_name="Focal Modulation Networks",
+        origin_url="https://github.com/microsoft/FocalNet",
+        license="mit",
         **kwargs,
-    }
+    )
 
 
 _RELEASE = "https://github.com/microsoft/FocalNet/releases/download/v1.0.0/{}.pth"

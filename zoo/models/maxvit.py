@@ -37,13 +37,12 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, NormMlpClassifierHead
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.multi_axis import MaxViTBlock, TfSameConv2d, conv_bn_gelu
 
-from ._contract import StagedBackbone, load_pretrained_file_safely, strict_key_check
+from ._contract import StagedBackbone, backbone_cfg, create_backbone, strict_key_check
 
 __all__ = ["MaxViT", "checkpoint_filter_fn", "official_name"]
 
@@ -372,39 +371,22 @@ def _load_npz(kwargs: dict) -> dict:
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxViT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     if pretrained:
         kwargs = _load_npz(kwargs)
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=("state_dict", "model"))
-    return build_model_with_cfg(
-        MaxViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_backbone(MaxViT, variant, pretrained, checkpoint_filter_fn, ("state_dict", "model"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, 32, 32),
-        "pool_size": (7, 7),
-        "crop_pct": 0.95,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1",
-        "classifier": "head.fc",
-        "paper_ids": "arXiv:2204.01697",
-        "paper_name": "MaxViT: Multi-Axis Vision Transformer",
-        "origin_url": "https://github.com/google-research/maxvit",
-        "license": "apache-2.0",
+    return backbone_cfg(
+        url,
+        crop_pct=0.95,
+        first_conv="stem.conv1",
+        paper_ids="arXiv:2204.01697",
+        paper_name="MaxViT: Multi-Axis Vision Transformer",
+        origin_url="https://github.com/google-research/maxvit",
+        license="apache-2.0",
         **kwargs,
-    }
+    )
 
 
 # The official weights are TensorFlow checkpoints (gs://gresearch/maxvit/ckpts/...), which PyTorch cannot
