@@ -1,0 +1,191 @@
+"""The video DiT recipe (`train/video_dit.py` = `zoo.training.video_cli.main`) in-process on a tiny model: the
+moving-digits data, a short fit with PSA (bf16) and its exported diffusers folder, resume, one-line errors,
+`python -m zoo.generate`, and the shipped checkpoint (manifest, loading, generation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from zoo.generate import main as generate_main
+from zoo.training.video_cli import main
+from zoo.training.video_data import MovingDigits, MovingDigitsData, digit_sprites, render_clip
+from zoo.video import VideoDiT, VideoDiTPipeline
+
+from ._util import ROOT, read_metrics
+
+CONFIG = ROOT / "configs" / "video" / "video_dit_digits.yaml"
+SHIPPED = ROOT / "checkpoints" / "zoo-video-dit-digits"
+
+# The recipe's code path (PSA over a Gilbert-ordered token grid, EMA, CFG label dropout) at 8 frames of 8x8:
+# a (4, 4, 4) grid of 64 tokens, 4 query blocks x 8 key blocks, 2 updates an epoch.
+TINY = [
+    f"--config={CONFIG}",
+    "--model.model_kwargs={hidden_size: 32, num_layers: 1, num_heads: 2}",
+    "--model.patch_size=[2, 2, 2]",
+    "--model.psa_config={block_q: 16, block_k: 8, level_bounds: [0.25, 0.375, 0.5, 0.75], warmup_steps: 0}",
+    "--model.warmup_steps=1",
+    "--data.num_frames=8",
+    "--data.frame_size=8",
+    "--data.digit_size=4",
+    "--data.clips_per_epoch=8",
+    "--data.batch_size=4",
+    "--samples.every_n_epochs=1",
+    "--samples.labels=[3]",
+    "--samples.num_inference_steps=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch):
+    # seed_everything exports PL_GLOBAL_SEED / PL_SEED_WORKERS, the recipe sets torch's thread count.
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["train/video_dit.py"])
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    torch.set_num_threads(threads)
+
+
+def test_moving_digits_are_seeded_bounded_and_split():
+    data = MovingDigits("train", length=20, num_frames=12, size=16, digit_size=8, max_speed=1.0, seed=3)
+    clip, label = data[5]
+    again, same = MovingDigits("train", 20, 12, 16, 8, 1.0, seed=3)[5]
+    assert clip.shape == (1, 12, 16, 16) and torch.equal(clip, again) and label == same
+    assert clip.min() == -1.0 and 0.5 < clip.max() <= 1.0
+    assert not torch.equal(clip, MovingDigits("train", 20, 12, 16, 8, 1.0, seed=4)[5][0])
+    # Every frame holds the whole digit: the ink is the same however the digit moved.
+    ink = (clip[0] + 1).sum(dim=(1, 2))
+    assert torch.allclose(ink, ink[0].expand_as(ink), rtol=1e-5)
+    assert len({tuple(torch.nonzero(f > -1).min(0).values.tolist()) for f in clip[0]}) > 1  # it moves
+    # Train and held-back digits are the classification recipe's stratified split: disjoint, 1437 + 360.
+    train, train_labels = digit_sprites("train", 8)
+    held, held_labels = digit_sprites("held_back", 8)
+    assert (len(train), len(held)) == (1437, 360) and set(held_labels.tolist()) == set(range(10))
+    assert not {s.tobytes() for s in held} <= {s.tobytes() for s in train}
+
+
+def test_render_clip_bounces_off_the_edges():
+    sprite = np.ones((2, 2), dtype=np.float32)
+    clip = render_clip(sprite, (0.0, 0.0), (0.0, 1.0), num_frames=9, size=6)
+    xs = [int(np.nonzero(f.max(0) > 0)[0].min()) for f in clip]
+    assert xs == [0, 1, 2, 3, 4, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match="digit_size 8 must not exceed the canvas size 6"):
+        render_clip(np.ones((8, 8), np.float32), (0.0, 0.0), (1.0, 1.0), 2, 6)
+    with pytest.raises(ValueError, match="data.digit_size must lie in"):
+        MovingDigitsData(frame_size=8, digit_size=9)
+
+
+def test_fit_exports_a_pipeline_that_loads_and_generates(tmp_path, capsys):
+    main([*TINY, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed", f"--trainer.default_root_dir={tmp_path}"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    rows = read_metrics(run / "metrics.csv")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    densities = [float(r["train/psa_density"]) for r in rows if r.get("train/psa_density")]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # PSA is sparse on this grid: 2 of 8 key blocks full, 1 at 2x, 1 at 4x, 2 at 8x, 2 skipped.
+    assert densities and all(d == pytest.approx(0.375) for d in densities)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch=0-label=3.gif", "epoch=1-label=3.gif"]
+    assert Image.open(run / "samples" / "epoch=1-label=3.gif").n_frames == 8
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["attention"] == "psa" and summary["train_seconds"] > 0
+    assert summary["precision"] == "bf16-mixed"
+
+    folder = run / "pipeline"
+    assert {"model_index.json", "transformer", "scheduler", "sampling.json"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "model_index.json").read_text())["transformer"] == ["zoo.video.dit", "VideoDiT"]
+    pipe = VideoDiTPipeline.from_pretrained(str(folder))
+    assert pipe.transformer.config.attention == "psa" and pipe.transformer.config.psa_config["block_k"] == 8
+    # The export holds the EMA weights, in float32.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in pipe.transformer.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, ckpt["ema.module." + key].float()), key
+    assert any(not torch.equal(ckpt["ema.module." + k], ckpt["model." + k]) for k in pipe.transformer.state_dict())
+    frames = pipe([3, 7], num_frames=8, height=8, width=8, num_inference_steps=2, generator=torch.manual_seed(0))
+    assert frames.frames.shape == (2, 8, 8, 8, 1) and np.isfinite(frames.frames).all()
+
+    capsys.readouterr()
+    generate_main([str(folder), "--labels", "3", "7", "--out", str(tmp_path / "gen"), "--steps", "2"])
+    out, err = capsys.readouterr()
+    written = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert written == ["0-label=3.gif", "1-label=7.gif"] and out.split() == [str(tmp_path / "gen" / w) for w in written]
+    assert "2/2" in err  # diffusers' progress bar over the denoising steps
+    assert Image.open(tmp_path / "gen" / "1-label=7.gif").size == (8, 8)
+
+
+def test_resume_continues_steps_ema_and_training_time(tmp_path):
+    main([*TINY, "--trainer.max_epochs=1", "--samples.every_n_epochs=0", f"--trainer.default_root_dir={tmp_path}"])
+    first = torch.load(
+        tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert (first["epoch"], first["global_step"]) == (0, 2) and first["train_seconds"] > 0
+    main(
+        [
+            *TINY,
+            "--trainer.max_epochs=2",
+            "--samples.every_n_epochs=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--ckpt_path=last",
+        ]
+    )
+    run = tmp_path / "lightning_logs" / "version_1"
+    second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (second["epoch"], second["global_step"]) == (1, 4)
+    assert second["train_seconds"] > first["train_seconds"]
+    steps = [int(r["step"]) for r in read_metrics(run / "metrics.csv") if r.get("train/loss")]
+    assert steps == [2, 3]
+    assert json.loads((run / "training_summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model.lrr=1"], "--model.lrr"),
+        (["--model.attention=sparse"], "attention"),
+        (["--model.size=xl"], "model.size"),
+        (["--data.digit_size=99"], "data.digit_size"),
+        (["--model.psa_config={block_k: 12}"], "block_k"),
+    ],
+)
+def test_bad_settings_stop_before_training_with_one_line(tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit) as info:
+        main([*TINY, *args, f"--trainer.default_root_dir={tmp_path}"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], err
+    assert "Traceback" not in err and "Epoch" not in out
+
+
+def test_recipe_resolves_to_a_sparse_psa_model(capsys):
+    with pytest.raises(SystemExit):
+        main([f"--config={CONFIG}", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["attention"] == "psa" and config["model"]["psa_config"]["warmup_steps"] == 0
+    with torch.device("meta"):
+        model = VideoDiT.from_size(
+            config["model"]["size"],
+            **config["model"]["model_kwargs"],
+            in_channels=1,
+            patch_size=tuple(config["model"]["patch_size"]),
+            attention="psa",
+            psa_config=config["model"]["psa_config"],
+        )
+    assert model.config.attention == "psa"
+    grid = [config["data"]["num_frames"] // config["model"]["patch_size"][0]] + [
+        config["data"]["frame_size"] // config["model"]["patch_size"][1]
+    ] * 2
+    tokens = int(np.prod(grid))
+    # Several blocks for PSA to be sparse over: 8 query blocks, 16 key blocks.
+    assert tokens // config["model"]["psa_config"]["block_q"] >= 4
+    assert tokens // config["model"]["psa_config"]["block_k"] >= 8
