@@ -134,6 +134,9 @@ def test_zoo_segmentation_export_loads_back_as_backbone(tmp_path):
     with torch.no_grad():
         for ours, exported in zip(model(x), seg.backbone(x), strict=True):
             torch.testing.assert_close(ours, exported)
+    # The export's norms follow its out_indices; a backbone returning fewer stages has no place for them all.
+    with pytest.raises(KeyError, match="unexpected output-norm keys"):
+        DenseBackbone("zoo_biformer_t", out_indices=(1, 2, 3), pretrained=str(tmp_path / "best.safetensors"), **tiny)
     extra = seg.state_dict() | {"backbone.body.stray.weight": torch.zeros(2)}
     save_file(extra, tmp_path / "extra.safetensors")
     with pytest.raises(KeyError, match="backbone.body.stray|stray.weight"):

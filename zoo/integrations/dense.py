@@ -201,12 +201,14 @@ class DenseBackbone(nn.Module):
         self.body.load_state_dict({k: converted[k] for k in own}, strict=True)
 
     def _load_out_norms(self, norms: dict[str, torch.Tensor], path: str) -> None:
-        has = {int(k.split(".")[0]) for k in norms}
-        unexpected = [k for k in norms if isinstance(self.out_norms[int(k.split(".")[0])], nn.Identity)]
+        positions = {k: int(k.split(".")[0]) for k in norms}
+        unexpected = [
+            k for k, i in positions.items() if i >= len(self.out_norms) or isinstance(self.out_norms[i], nn.Identity)
+        ]
         if unexpected:
             raise KeyError(f"{path}: unexpected output-norm keys {unexpected[:8]} (this backbone has no norm there)")
         for position in range(len(self.out_norms)):
-            if position not in has:
+            if position not in positions.values():
                 self.out_norms[position] = nn.Identity()
         self.out_norms.load_state_dict(norms, strict=True)
 
