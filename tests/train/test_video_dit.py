@@ -155,6 +155,7 @@ def test_resume_continues_steps_ema_and_training_time(tmp_path):
         (["--model.size=xl"], "model.size"),
         (["--data.digit_size=99"], "data.digit_size"),
         (["--model.psa_config={block_k: 12}"], "block_k"),
+        (["--model.condition_init=big"], "condition_init"),
     ],
 )
 def test_bad_settings_stop_before_training_with_one_line(tmp_path, capsys, args, named):
