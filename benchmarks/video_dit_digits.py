@@ -254,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
         write_section("video_dit_digits", markdown, title="Video DiT on moving digits: PSA vs dense")
         print(markdown)
     if args.ship is not None:
-        ship(args.psa, args.ship, rows["PSA"], evaluator_acc, args)
+        ship(args.psa, args.ship, rows, evaluator_acc, args)
         print(f"shipped {args.psa / 'pipeline'} to {args.ship}")
 
 
-def ship(run: Path, target: Path, row: dict, evaluator_acc: float, args: argparse.Namespace) -> None:
+def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argparse.Namespace) -> None:
     """Copy a run's exported pipeline to `target` with a README (command, time, figures) and a sha256 manifest
     (`sha256sum -c MANIFEST.sha256` checks it)."""
     import hashlib
@@ -269,6 +269,7 @@ def ship(run: Path, target: Path, row: dict, evaluator_acc: float, args: argpars
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(run / "pipeline", target)
+    row, dense = rows["PSA"], rows["dense"]
     summary = row["summary"]
     config = yaml.safe_load((run / "config.yaml").read_text())
     command = "python train/video_dit.py --config configs/video/video_dit_digits.yaml"
@@ -292,10 +293,16 @@ Quality ({args.per_class} clips per digit, {args.steps} Euler steps, guidance {a
 trained only on the held-back digits, {evaluator_acc:.1%} accurate on frames of unseen digits;
 `python benchmarks/video_dit_digits.py`, BENCHMARKS.md section video_dit_digits):
 
-| frame accuracy | clip accuracy | label consistency | shape consistency | PSA density |
-|---|---|---|---|---|
-| {row["frame_accuracy"]:.3f} | {row["clip_accuracy"]:.3f} | {row["label_consistency"]:.3f} | \
-{row["shape_consistency"]:.3f} | {row["density"] if row["density"] is None else format(row["density"], ".3f")} |
+| model | frame accuracy | clip accuracy | label consistency | shape consistency | attention density | train steps/s |
+|---|---|---|---|---|---|---|
+| this (PSA) | {row["frame_accuracy"]:.3f} | {row["clip_accuracy"]:.3f} | {row["label_consistency"]:.3f} | \
+{row["shape_consistency"]:.3f} | {row["density"] if row["density"] is None else format(row["density"], ".3f")} | \
+{summary["steps_per_second"]:.2f} |
+| same run, dense attention | {dense["frame_accuracy"]:.3f} | {dense["clip_accuracy"]:.3f} | \
+{dense["label_consistency"]:.3f} | {dense["shape_consistency"]:.3f} | 1.000 | \
+{dense["summary"]["steps_per_second"]:.2f} |
+| real clips (reference) | {rows["real clips (train digits)"]["frame_accuracy"]:.3f} | - | - | \
+{rows["real clips (train digits)"]["shape_consistency"]:.3f} | - | - |
 
 Use:
 
