@@ -4,6 +4,7 @@ moving-digits data, a short fit with PSA (bf16) and its exported diffusers folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -190,3 +191,31 @@ def test_recipe_resolves_to_a_sparse_psa_model(capsys):
     # Several blocks for PSA to be sparse over: 8 query blocks, 16 key blocks.
     assert tokens // config["model"]["psa_config"]["block_q"] >= 4
     assert tokens // config["model"]["psa_config"]["block_k"] >= 8
+
+
+def test_shipped_checkpoint_matches_its_manifest_and_generates(tmp_path):
+    manifest = (SHIPPED / "MANIFEST.sha256").read_text().split("\n")
+    entries = [line.split("  ", 1) for line in manifest if line.strip()]
+    names = {name for _, name in entries}
+    assert {"model_index.json", "transformer/diffusion_pytorch_model.safetensors", "README.md"} <= names
+    total = 0
+    for digest, name in entries:
+        data = (SHIPPED / name).read_bytes()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    assert total <= 20 * 2**20
+    readme = (SHIPPED / "README.md").read_text()
+    assert "python train/video_dit.py --config configs/video/video_dit_digits.yaml" in readme
+    pipe = VideoDiTPipeline.from_pretrained(str(SHIPPED))
+    assert pipe.transformer.config.attention == "psa"
+    sampling = json.loads((SHIPPED / "sampling.json").read_text())
+    frames = pipe(
+        [3],
+        num_frames=sampling["num_frames"],
+        height=sampling["size"],
+        width=sampling["size"],
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+    ).frames
+    assert frames.shape == (1, sampling["num_frames"], sampling["size"], sampling["size"], 1)
+    assert np.isfinite(frames).all() and frames.std() > 0.05
