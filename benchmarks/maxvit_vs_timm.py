@@ -126,6 +126,11 @@ Where the time goes (torch.profiler, MaxViT-T, batch 8) and what the zoo does ab
   removes separate passes over the 4C-wide hidden maps (GELU alone was ~20% of the forward).
 - What is left is GEMM time (qkv/proj/MLP/1x1 convs, ~60% of inference), GELU forward/backward in
   training (~15%: autograd needs the plain op), BatchNorm in training, and the depthwise convs' backward.
+- Training steps below 1.0x (MaxViT-S, 0.97x): the two alternating zoo runs measured 1.35 and 1.15 img/s, so
+  the cell is within run-to-run spread. In training both implementations spend most of the step in the
+  same GEMMs, GELU backward and BatchNorm, which the zoo cannot fuse under autograd. The inference-only
+  wins do not apply. What does apply (the attention's layout and the direct bias path) is worth a few
+  percent at most.
 """
 
 
