@@ -219,3 +219,19 @@ def test_shipped_checkpoint_matches_its_manifest_and_generates(tmp_path):
     ).frames
     assert frames.shape == (1, sampling["num_frames"], sampling["size"], sampling["size"], 1)
     assert np.isfinite(frames).all() and frames.std() > 0.05
+
+
+def test_gpu_overlay_selects_bf16_on_one_gpu(capsys):
+    # The overlay needs a GPU to run; here it must compose onto the recipe and change only the hardware keys.
+    with pytest.raises(SystemExit):
+        main([f"--config={CONFIG}", "--print_config"])
+    base = yaml.safe_load(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main([f"--config={CONFIG}", f"--config={CONFIG.parent / 'gpu.yaml'}", "--print_config"])
+    gpu = yaml.safe_load(capsys.readouterr().out)
+    assert gpu["trainer"]["accelerator"] == "gpu" and gpu["trainer"]["precision"] == "bf16-mixed"
+    assert gpu["model"]["cpu_threads"] is None and base["model"]["cpu_threads"] == 1
+    for section in ("model", "data"):
+        changed = {k for k in base[section] if base[section][k] != gpu[section][k]}
+        assert changed <= {"cpu_threads", "num_workers"}, changed
+    assert gpu["model"]["psa_config"] == base["model"]["psa_config"]
