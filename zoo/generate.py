@@ -4,8 +4,10 @@
     python -m zoo.generate FOLDER --labels 0 1 2 --steps 30 --guidance 4 --seed 1 --format mp4 --out OUT
 
 Files are `OUT/<index>-label=<label>.gif` (or `.mp4`). The clip size defaults to the one the model was
-trained on (`sampling.json` in the folder, written by `train/video_dit.py`). The pipeline shows diffusers'
-progress bar over the denoising steps.
+trained on, and the steps and guidance to the ones its figures were measured at: `sampling.json` in the
+folder (written by `train/video_dit.py`, the sampling settings added by `benchmarks/video_dit_digits.py
+--ship`); 25 steps and guidance 4 where it names none. The pipeline shows diffusers' progress bar over the
+denoising steps.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def generate(
     folder: str | os.PathLike,
     labels: list[int],
     out: str | os.PathLike,
-    steps: int = 25,
-    guidance: float = 4.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     num_frames: int | None = None,
     size: int | None = None,
@@ -40,8 +42,9 @@ def generate(
         folder: a diffusers folder saved by `VideoDiTPipeline.save_pretrained` (model_index.json, ...).
         labels: class labels, one clip each.
         out: output directory (created).
-        steps: Euler steps.
-        guidance: classifier-free guidance scale (1 disables it).
+        steps: Euler steps; None reads `num_inference_steps` from `sampling.json`, else 25.
+        guidance: classifier-free guidance scale (1 disables it); None reads `guidance_scale` from
+            `sampling.json`, else 4.
         seed: seed of the initial noise.
         num_frames, size: clip frames and side; None reads them from the folder's `sampling.json`.
         fmt: "gif" or "mp4".
@@ -61,6 +64,8 @@ def generate(
     trained = json.loads(sampling.read_text()) if sampling.is_file() else {}
     num_frames = num_frames or int(trained.get("num_frames", 16))
     size = size or int(trained.get("size", 32))
+    steps = int(trained.get("num_inference_steps", 25)) if steps is None else steps
+    guidance = float(trained.get("guidance_scale", 4.0)) if guidance is None else guidance
     pipe = VideoDiTPipeline.from_pretrained(str(folder))
     videos = pipe(
         list(labels),
@@ -91,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="saved VideoDiTPipeline folder (e.g. checkpoints/zoo-video-dit-digits)")
     parser.add_argument("--labels", type=int, nargs="+", required=True, help="class labels, one clip each")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the folder's, else 25)")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the folder's, else 4)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: as trained)")
     parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default: as trained)")
