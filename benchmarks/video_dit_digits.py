@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated clips' noise")
+    parser.add_argument(
+        "--extra-seeds", type=int, nargs="*", default=[], help="more noise seeds: frame accuracy of both models"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--ship", type=Path, default=None, help="copy the PSA run's pipeline here, with README")
     args = parser.parse_args(argv)
@@ -214,6 +217,18 @@ def main(argv: list[str] | None = None) -> None:
         rows[name]["density"] = density
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "summary"}), flush=True)
 
+    # The same models on other noise seeds: is the PSA/dense gap larger than the sampling noise?
+    extra = {}
+    for seed in args.extra_seeds:
+        extra[seed] = {
+            name: clip_metrics(
+                classifier, *generate_clips(run / "pipeline", args.per_class, args.steps, args.guidance, seed=seed)[:2]
+            )["frame_accuracy"]
+            for name, run in (("PSA", args.psa), ("dense", args.dense))
+        }
+        print("seed", seed, json.dumps(extra[seed]), flush=True)
+    rows["PSA"]["extra_seeds"] = extra
+
     def fmt(row: dict, key: str, spec: str = ".3f") -> str:
         return format(row[key], spec) if row.get(key) is not None else "-"
 
@@ -234,6 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         )
     psa_s, dense_s = rows["PSA"]["summary"], rows["dense"]["summary"]
     ratio = (psa_s["steps"] / psa_s["train_seconds"]) / (dense_s["steps"] / dense_s["train_seconds"])
+    seeds_line = []
+    if extra:
+        gaps = [rows["PSA"]["frame_accuracy"] - rows["dense"]["frame_accuracy"]]
+        gaps += [e["PSA"] - e["dense"] for e in extra.values()]
+        seeds_line = [
+            "",
+            "Frame accuracy (PSA / dense) on other noise seeds, same models and settings: "
+            + "; ".join(f"seed {k}: {e['PSA']:.3f} / {e['dense']:.3f}" for k, e in extra.items())
+            + f". PSA minus dense over all {len(gaps)} seeds: mean {100 * sum(gaps) / len(gaps):+.1f} points "
+            f"(from {100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}).",
+        ]
     markdown = "\n".join(
         [
             "The zoo's `VideoDiT` trained by `python train/video_dit.py --config configs/video/video_dit_digits.yaml`"
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             f"PSA / dense training speed: {ratio:.2f}x (steps/s ratio of each run's own training-step time; the "
             "two runs ran side by side on the 2-core CPU, one thread each, `model.cpu_threads: 1`). Run summaries: "
             f"PSA `{json.dumps(psa_s)}`, dense `{json.dumps(dense_s)}`.",
+            *seeds_line,
         ]
     )
     if args.no_write:
@@ -289,6 +316,22 @@ def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argpar
             "frames; the misses are frames whose digit breaks up or changes shape within a clip (label consistency "
             f"{row['label_consistency']:.3f}, real clips {rows['real clips (train digits)']['label_consistency']:.3f})."
         )
+    gap = row["frame_accuracy"] - dense["frame_accuracy"]
+    status += (
+        f" Against the same run with dense attention PSA is {abs(gap) * 100:.1f} points "
+        f"{'above' if gap >= 0 else 'below'} in frame accuracy ({row['frame_accuracy']:.3f} vs "
+        f"{dense['frame_accuracy']:.3f})"
+    )
+    extra = row.get("extra_seeds") or {}
+    status += (
+        "; on noise seeds "
+        + ", ".join(str(k) for k in extra)
+        + ": "
+        + ", ".join(f"{e['PSA']:.3f} vs {e['dense']:.3f}" for e in extra.values())
+        + "."
+        if extra
+        else "."
+    )
     readme = f"""# zoo-video-dit-digits
 
 A class-conditional video diffusion transformer (the zoo's `VideoDiT`, {summary["parameters"] / 1e6:.2f} M parameters,
