@@ -9,7 +9,9 @@ import os
 import platform
 import re
 import resource
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,9 +92,12 @@ def measure_in_subprocess(
 
 def write_section(name: str, markdown: str, title: str | None = None) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md, stamped with date, commit and machine."""
+    # The arguments too, when the section is written by that benchmark's own script, so the stamp reproduces it.
+    args = shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == f"{name}.py" and sys.argv[1:] else ""
+    command = f"python benchmarks/{name}.py" + (f" {args}" if args else "")
     stamp = (
         f"_Measured {datetime.date.today().isoformat()} at commit `{git_commit()}` on {machine_description()}; "
-        f"command: `python benchmarks/{name}.py`; 1-minute load average when written: {os.getloadavg()[0]:.1f} "
+        f"command: `{command}`; 1-minute load average when written: {os.getloadavg()[0]:.1f} "
         f"(above the core count means other jobs shared the CPU and absolute figures are low)._"
     )
     body = f"<!-- begin {name} -->\n## {title or name}\n\n{stamp}\n\n{markdown.strip()}\n<!-- end {name} -->"

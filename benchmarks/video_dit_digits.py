@@ -194,6 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--extra-seeds", type=int, nargs="*", default=[], help="more noise seeds: frame accuracy of both models"
     )
+    parser.add_argument(
+        "--also",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more run directories (the same recipe on other training seeds, PSA or dense): rows of their own",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--ship", type=Path, default=None, help="copy the PSA run's pipeline here, with README")
     args = parser.parse_args(argv)
@@ -208,13 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     real_clips = torch.stack([real[i][0][0] for i in range(len(real))])
     real_labels = torch.tensor([real[i][1] for i in range(len(real))])
     rows = {"real clips (train digits)": {**clip_metrics(classifier, real_clips, real_labels)}}
-    for name, run in (("PSA", args.psa), ("dense", args.dense)):
+    runs = {"PSA": args.psa, "dense": args.dense}
+    for run in args.also:
+        runs[run_name(run)] = run
+    for name, run in runs.items():
         summary = json.loads((run / "training_summary.json").read_text())
         clips, labels, seconds, density = generate_clips(
             run / "pipeline", args.per_class, args.steps, args.guidance, seed=args.seed
         )
         rows[name] = {**clip_metrics(classifier, clips, labels), "summary": summary, "sample_s": seconds}
         rows[name]["density"] = density
+        rows[name]["attention"] = _run_config(run)["model"]["attention"]
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "summary"}), flush=True)
 
     # The same models on other noise seeds: is the PSA/dense gap larger than the sampling noise?
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             name: clip_metrics(
                 classifier, *generate_clips(run / "pipeline", args.per_class, args.steps, args.guidance, seed=seed)[:2]
             )["frame_accuracy"]
-            for name, run in (("PSA", args.psa), ("dense", args.dense))
+            for name, run in runs.items()
         }
         print("seed", seed, json.dumps(extra[seed]), flush=True)
     rows["PSA"]["extra_seeds"] = extra
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         s = row.get("summary")
         speed = f"{s['steps'] / s['train_seconds']:.3f}" if s else "-"
         wall = f"{s['train_seconds'] / 60:.1f} min ({s['steps']} steps)" if s else "-"
-        density = fmt(row, "density", ".3f") if name == "PSA" else ("1.000" if s else "-")
+        density = fmt(row, "density", ".3f") if row.get("attention") == "psa" else ("1.000" if s else "-")
         sample = fmt(row, "sample_s", ".2f") if s else "-"
         lines.append(
             f"| {name} | {fmt(row, 'frame_accuracy')} | {fmt(row, 'clip_accuracy')} | {fmt(row, 'label_consistency')} "
@@ -251,15 +262,34 @@ def main(argv: list[str] | None = None) -> None:
     ratio = (psa_s["steps"] / psa_s["train_seconds"]) / (dense_s["steps"] / dense_s["train_seconds"])
     seeds_line = []
     if extra:
-        gaps = [rows["PSA"]["frame_accuracy"] - rows["dense"]["frame_accuracy"]]
-        gaps += [e["PSA"] - e["dense"] for e in extra.values()]
+        # Frame accuracy of every run on every noise seed; the PSA/dense gap both against the dense run of the
+        # same training seed and, where other training seeds ran, against the mean over them.
+        by_seed = {args.seed: {n: r["frame_accuracy"] for n, r in rows.items() if "summary" in r}, **extra}
+        dense_names = [n for n, r in rows.items() if r.get("attention") == "dense"]
+        psa_names = [n for n, r in rows.items() if r.get("attention") == "psa"]
+        gaps = [e["PSA"] - e["dense"] for e in by_seed.values()]
         seeds_line = [
             "",
-            "Frame accuracy (PSA / dense) on other noise seeds, same models and settings: "
-            + "; ".join(f"seed {k}: {e['PSA']:.3f} / {e['dense']:.3f}" for k, e in extra.items())
-            + f". PSA minus dense over all {len(gaps)} seeds: mean {100 * sum(gaps) / len(gaps):+.1f} points "
-            f"(from {100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}).",
+            "Frame accuracy on every noise seed ("
+            + ", ".join(runs)
+            + "): "
+            + "; ".join(f"seed {k}: " + " / ".join(f"{e[n]:.3f}" for n in runs) for k, e in by_seed.items())
+            + f". PSA minus dense (same training seed) over {len(gaps)} noise seeds: mean "
+            f"{100 * sum(gaps) / len(gaps):+.1f} points (from {100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}).",
         ]
+        if len(dense_names) > 1 or len(psa_names) > 1:
+            mean = {
+                kind: sum(e[n] for e in by_seed.values() for n in names) / (len(by_seed) * len(names))
+                for kind, names in (("psa", psa_names), ("dense", dense_names))
+            }
+            seeds_line[-1] += (
+                f" Mean over training runs and noise seeds: PSA {mean['psa']:.3f} ({len(psa_names)} training "
+                f"seed(s)), dense {mean['dense']:.3f} ({len(dense_names)} training seed(s)); per dense training "
+                "seed: "
+                + ", ".join(f"{n} {sum(e[n] for e in by_seed.values()) / len(by_seed):.3f}" for n in dense_names)
+                + "."
+            )
+        rows["PSA"]["by_seed"] = by_seed
     markdown = "\n".join(
         [
             "The zoo's `VideoDiT` trained by `python train/video_dit.py --config configs/video/video_dit_digits.yaml`"
@@ -268,7 +298,13 @@ def main(argv: list[str] | None = None) -> None:
             "Frames are labelled by a small CNN trained only on the held-back digits (the classification recipe's "
             f"val split), never on the digits the video model learned from; its accuracy on frames of those unseen "
             f"digits is {evaluator_acc:.3f}. Shape consistency: best normalised correlation of consecutive frames "
-            "over shifts of up to 3 pixels.",
+            "over shifts of up to 3 pixels."
+            + (
+                " Rows named by a training seed are the same command with `--seed_everything N` (and, for dense, "
+                "`--model.attention dense`), evaluated the same way."
+                if args.also
+                else ""
+            ),
             "",
             *lines,
             "",
@@ -286,6 +322,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.ship is not None:
         ship(args.psa, args.ship, rows, evaluator_acc, args)
         print(f"shipped {args.psa / 'pipeline'} to {args.ship}")
+
+
+def _run_config(run: Path) -> dict:
+    """The LightningCLI config a run saved (`config.yaml` in its log directory)."""
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def run_name(run: Path) -> str:
+    """A row name for a run from its saved config, e.g. "dense, training seed 1"."""
+    config = _run_config(run)
+    kind = {"psa": "PSA", "dense": "dense"}[config["model"]["attention"]]
+    return f"{kind}, training seed {config['seed_everything']}"
 
 
 def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argparse.Namespace) -> None:
@@ -332,6 +382,12 @@ def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argpar
         if extra
         else "."
     )
+    others = [n for n, r in rows.items() if n not in ("PSA", "dense") and "summary" in r]
+    if others:
+        status += (
+            " The same command on other training seeds (noise seed "
+            f"{args.seed}): " + ", ".join(f"{n} {rows[n]['frame_accuracy']:.3f}" for n in others) + "."
+        )
     readme = f"""# zoo-video-dit-digits
 
 A class-conditional video diffusion transformer (the zoo's `VideoDiT`, {summary["parameters"] / 1e6:.2f} M parameters,

@@ -273,3 +273,21 @@ def test_generate_defaults_to_the_folders_sampling_settings(tmp_path, monkeypatc
     generate_main([str(SHIPPED), "--labels", "3", "--out", str(tmp_path / "b"), "--steps", "5", "--guidance", "1.5"])
     assert seen == [(sampling["num_inference_steps"], sampling["guidance_scale"]), (5, 1.5)]
     assert Image.open(tmp_path / "a" / "0-label=3.gif").n_frames == sampling["num_frames"]
+
+
+def test_benchmark_names_runs_and_stamps_its_command(tmp_path, monkeypatch):
+    # Rows of other training runs are named from the run's saved config, and the BENCHMARKS.md stamp carries
+    # the arguments the section was measured with, so that it can be re-run.
+    from benchmarks import _harness
+    from benchmarks.video_dit_digits import run_name
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 1, "model": {"attention": "dense"}}))
+    assert run_name(tmp_path) == "dense, training seed 1"
+    monkeypatch.setattr(_harness, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/video_dit_digits.py", "--psa", "runs/a b", "--guidance", "8"])
+    _harness.write_section("video_dit_digits", "table", title="T")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "command: `python benchmarks/video_dit_digits.py --psa 'runs/a b' --guidance 8`" in text
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    _harness.write_section("other", "table")
+    assert "command: `python benchmarks/other.py`;" in (tmp_path / "BENCHMARKS.md").read_text()
