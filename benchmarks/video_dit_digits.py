@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows[name] = {**clip_metrics(classifier, clips, labels), "summary": summary, "sample_s": seconds}
         rows[name]["density"] = density
-        rows[name]["attention"] = _run_config(run)["model"]["attention"]
+        model_config = _run_config(run)["model"]
+        rows[name]["attention"] = model_config["attention"]
+        rows[name]["psa_config"] = model_config.get("psa_config") if model_config["attention"] == "psa" else None
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "summary"}), flush=True)
 
     # The same models on other noise seeds: is the PSA/dense gap larger than the sampling noise?
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         # same training seed and, where other training seeds ran, against the mean over them.
         by_seed = {args.seed: {n: r["frame_accuracy"] for n, r in rows.items() if "summary" in r}, **extra}
         dense_names = [n for n, r in rows.items() if r.get("attention") == "dense"]
-        psa_names = [n for n, r in rows.items() if r.get("attention") == "psa"]
+        # Training seeds of the shipped PSA recipe only: rows of other PSA settings are not averaged in.
+        psa_names = [n for n, r in rows.items() if r.get("psa_config") and r["psa_config"] == rows["PSA"]["psa_config"]]
         gaps = [e["PSA"] - e["dense"] for e in by_seed.values()]
         seeds_line = [
             "",
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             "Frames are labelled by a small CNN trained only on the held-back digits (the classification recipe's "
             f"val split), never on the digits the video model learned from; its accuracy on frames of those unseen "
             f"digits is {evaluator_acc:.3f}. Shape consistency: best normalised correlation of consecutive frames "
-            "over shifts of up to 3 pixels."
+            "over shifts of up to 3 pixels. PSA settings of the PSA run: "
+            f"`{json.dumps(rows['PSA']['psa_config'])}`."
             + (
                 " Rows named by a training seed are the same command with `--seed_everything N` (and, for dense, "
                 "`--model.attention dense`), evaluated the same way."
@@ -332,9 +336,13 @@ def _run_config(run: Path) -> dict:
 
 
 def run_name(run: Path) -> str:
-    """A row name for a run from its saved config, e.g. "dense, training seed 1"."""
+    """A row name for a run from its saved config, e.g. "dense, training seed 1" or
+    "PSA level_bounds [0.5, 0.75, 0.875, 1.0], training seed 1"."""
     config = _run_config(run)
-    kind = {"psa": "PSA", "dense": "dense"}[config["model"]["attention"]]
+    if config["model"]["attention"] == "dense":
+        kind = "dense"
+    else:
+        kind = f"PSA level_bounds {list(config['model']['psa_config']['level_bounds'])}"
     return f"{kind}, training seed {config['seed_everything']}"
 
 

@@ -283,6 +283,9 @@ def test_benchmark_names_runs_and_stamps_its_command(tmp_path, monkeypatch):
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 1, "model": {"attention": "dense"}}))
     assert run_name(tmp_path) == "dense, training seed 1"
+    psa = {"seed_everything": 0, "model": {"attention": "psa", "psa_config": {"level_bounds": [0.5, 0.75, 1, 1]}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(psa))
+    assert run_name(tmp_path) == "PSA level_bounds [0.5, 0.75, 1, 1], training seed 0"
     monkeypatch.setattr(_harness, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
     monkeypatch.setattr(sys, "argv", ["benchmarks/video_dit_digits.py", "--psa", "runs/a b", "--guidance", "8"])
     _harness.write_section("video_dit_digits", "table", title="T")
