@@ -404,7 +404,7 @@ Pyramid Sparse Attention as its self-attention) trained from scratch by flow mat
 scikit-learn's handwritten digits (the classification recipe's train split) bouncing around a black canvas.
 The weights are the EMA weights at the end of training, float32 safetensors, in a diffusers folder.
 
-Made by exactly this command (seed 0, on a 2-core CPU, beside the dense run on the other core):
+Made by exactly this command (seed 0, on a 2-core CPU, beside a dense-attention run on the other core):
 
     {command}
 
