@@ -312,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
             "",
             *lines,
             "",
-            f"PSA / dense training speed: {ratio:.2f}x (steps/s ratio of each run's own training-step time; the "
-            "two runs ran side by side on the 2-core CPU, one thread each, `model.cpu_threads: 1`). Run summaries: "
+            f"PSA / dense training speed: {ratio:.2f}x (steps/s ratio of each run's own training-step time; each "
+            "run shared the 2-core CPU with one other training run, one thread each, `model.cpu_threads: 1`). "
+            "Run summaries: "
             f"PSA `{json.dumps(psa_s)}`, dense `{json.dumps(dense_s)}`.",
             *seeds_line,
         ]
