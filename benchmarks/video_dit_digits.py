@@ -292,7 +292,6 @@ def main(argv: list[str] | None = None) -> None:
                 + ", ".join(f"{n} {sum(e[n] for e in by_seed.values()) / len(by_seed):.3f}" for n in dense_names)
                 + "."
             )
-        rows["PSA"]["by_seed"] = by_seed
     markdown = "\n".join(
         [
             "The zoo's `VideoDiT` trained by `python train/video_dit.py --config configs/video/video_dit_digits.yaml`"
