@@ -227,9 +227,10 @@ Where the time goes and what the zoo does about it (profiles of both, one thread
   from the C-channel map before the q/k/v projection (timm cuts the 3C-channel projection), and where a
   map has more positions than channels (stages 1-2) folds the channel-attention weights into the output
   projection (one (N x C) @ (C x C) per image) so the mixed queries are never written out.
-- Inference without autograd uses oneDNN post-ops (`blocks/_fused_cpu.py`): the MLP's GELU in fc1, every
-  residual add in the projection before it, the modulator's multiply by q in `h`, GELU in the focal
+- Inference without autograd uses oneDNN post-ops (`kernels/fused_pointwise/`): the MLP's GELU in fc1,
+  every residual add in the projection before it, the modulator's multiply by q in `h`, GELU in the focal
   depthwise convs, the CPE's add in its conv, and biases in the GEMM epilogue instead of a broadcast copy.
+  The ops take the modules, so the blocks have one forward and a hooked or wrapped layer is called as it is.
 - Training goes through plain autograd ops, where both are dominated by the same GEMMs (and GELU's
   backward); the zoo's gains there are the layout and the folded channel attention, so the training
   ratios stay close to 1. Post-op fusion has no backward in PyTorch, and a hand-written backward would

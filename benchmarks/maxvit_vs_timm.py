@@ -123,14 +123,16 @@ Where the time goes (torch.profiler, MaxViT-T, batch 8) and what the zoo does ab
   of the kernel instead of padding a copy of the 4x-wide input (timm's `Conv2dSame`): ~5x faster forward.
 - Inference only: BatchNorms folded into the adjacent convs, tanh-GELU and the residual adds applied as
   oneDNN post-ops of the projections (`mkldnn._linear_pointwise`, `_convolution_pointwise`), which
-  removes separate passes over the 4C-wide hidden maps (GELU alone was ~20% of the forward).
+  removes separate passes over the 4C-wide hidden maps (GELU alone was ~20% of the forward). These are
+  the ops of `kernels/fused_pointwise/`, which take the modules: the blocks have one forward, and a
+  hooked or wrapped layer (LoRA, quantisation) is called as it is instead of being fused.
 - What is left is GEMM time (qkv/proj/MLP/1x1 convs, ~60% of inference), GELU forward/backward in
   training (~15%: autograd needs the plain op), BatchNorm in training, and the depthwise convs' backward.
-- Training steps below 1.0x (MaxViT-S, 0.97x): the two alternating zoo runs measured 1.35 and 1.15 img/s, so
-  the cell is within run-to-run spread. In training both implementations spend most of the step in the
-  same GEMMs, GELU backward and BatchNorm, which the zoo cannot fuse under autograd. The inference-only
-  wins do not apply. What does apply (the attention's layout and the direct bias path) is worth a few
-  percent at most.
+- Training steps near 1.0x (MaxViT-S measured 0.97x at commit 3b237f7, where its two alternating zoo runs
+  gave 1.35 and 1.15 img/s: within run-to-run spread). In training both implementations spend most of the
+  step in the same GEMMs, GELU backward and BatchNorm, which the zoo cannot fuse under autograd. The
+  inference-only wins do not apply. What does apply (the attention's layout and the direct bias path) is
+  worth a few percent at most.
 """
 
 

@@ -13,6 +13,10 @@ before the attention and again before the MLP.
 Everything here is channels-last, (B, H, W, C). Maps whose sides are not multiples of the window
 are zero-padded after the norm and cropped after the attention, as the official code does; the
 padded tokens take part in the attention unmasked, also as there.
+
+The projections and the position-encoding convs run through `kernels.fused_pointwise`, which takes the
+modules: in CPU inference it applies GELU and the residual adds as oneDNN post-ops; otherwise (training,
+hooked or wrapped layers) it calls the modules.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, to_2tuple
 
-from ._fused_cpu import conv_add, linear, linear_add, mlp_residual
+from kernels.fused_pointwise import conv_add, is_plain, linear, linear_add
+
 from ._layout import pad_to_multiple, window_partition, window_reverse
+from ._mlp import ResidualMlp
 
 __all__ = ["ChannelAttention", "ChannelBlock", "ConvPosEnc", "SpatialBlock", "WindowAttention"]
 
@@ -53,7 +59,7 @@ class ConvPosEnc(nn.Module):
         # The NCHW view of a contiguous channels-last map has channels_last strides: no layout copy.
         x_nchw = x.permute(0, 3, 1, 2)
         if isinstance(self.act, nn.Identity):
-            return conv_add(self.proj, x_nchw, x_nchw).permute(0, 2, 3, 1)
+            return conv_add(x_nchw, self.proj, x_nchw).permute(0, 2, 3, 1)
         return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
 
 
@@ -92,15 +98,15 @@ class WindowAttention(nn.Module):
         grid = ((h + pad_b) // self.window_size[0], (w + pad_r) // self.window_size[1])
         tokens = self.window_size[0] * self.window_size[1]
         # Cutting windows before the q/k/v projection moves C channels instead of 3C.
-        qkv = linear(window_partition(x, self.window_size), self.qkv.weight, self.qkv.bias)
+        qkv = linear(window_partition(x, self.window_size), self.qkv)
         qkv = qkv.view(-1, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         out = window_reverse(out.transpose(1, 2).reshape(b, -1, *self.window_size, c), grid)
         if pad_b or pad_r:
             out = out[:, :h, :w]
         if residual is None:
-            return linear(out, self.proj.weight, self.proj.bias)
-        return linear_add(self.proj, out, residual)
+            return linear(out, self.proj)
+        return linear_add(out, self.proj, residual)
 
 
 class ChannelAttention(nn.Module):
@@ -139,7 +145,7 @@ class ChannelAttention(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given."""
         b, h, w, c = x.shape
         n, d = h * w, c // self.num_heads
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, n, 3, c)
+        qkv = linear(x, self.qkv).view(b, n, 3, c)
         if torch.is_grad_enabled():
             # One unbind: its backward stacks the three gradients instead of zero-filling per slice.
             q, k, v = qkv.unbind(2)
@@ -151,8 +157,9 @@ class ChannelAttention(nn.Module):
             groups = [slice(g * d, (g + 1) * d) for g in range(self.num_heads)]
             logits = torch.stack([qkv[:, :, 1, g].transpose(1, 2) @ qkv[:, :, 2, g] for g in groups], 1)
         weights = (logits * self.scale).softmax(-1)  # (B, groups, d, d)
-        if n > c:
-            # proj(mix(q)) = q @ (W_proj . blockdiag(weights))^T + b: one (N x C) @ (C x C) per image.
+        if n > c and is_plain(self.proj, nn.Linear):
+            # proj(mix(q)) = q @ (W_proj . blockdiag(weights))^T + b: one (N x C) @ (C x C) per image. Only
+            # for a plain Linear: a hooked or wrapped projection is called on the mixed queries instead.
             mixed_proj = torch.einsum("ogi,bgij->bogj", self.proj.weight.view(c, self.num_heads, d), weights)
             mixed_proj = mixed_proj.reshape(b, c, c).transpose(1, 2)
             if q.requires_grad:
@@ -168,8 +175,8 @@ class ChannelAttention(nn.Module):
         out = q.view(b, n, self.num_heads, d).transpose(1, 2) @ weights.transpose(-1, -2)  # (B, groups, N, d)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         if residual is None:
-            return linear(out, self.proj.weight, self.proj.bias)
-        return linear_add(self.proj, out, residual)
+            return linear(out, self.proj)
+        return linear_add(out, self.proj, residual)
 
 
 class _DualBlock(nn.Module):
@@ -193,7 +200,7 @@ class _DualBlock(nn.Module):
         self.cpe2 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
         if ffn:
             self.norm2 = norm_layer(dim, **dd)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
+            self.mlp = ResidualMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
             self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         else:
             self.norm2 = self.mlp = self.drop_path2 = None
@@ -207,7 +214,7 @@ class _DualBlock(nn.Module):
         x = self.cpe2(x)
         if self.mlp is None:
             return x
-        return mlp_residual(self.mlp, self.norm2(x), x) if fold else x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), residual=x) if fold else x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class SpatialBlock(_DualBlock):

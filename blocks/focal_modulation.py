@@ -14,15 +14,21 @@ projection follows. The small- and large-receptive-field (SRF/LRF) models differ
 Everything here is channels-last, (B, H, W, C). The official code's 1x1 convolution `h` is a
 Linear of the same weights (C, C), and the depthwise convolutions run on the NCHW view of the
 channels-last map, which oneDNN handles without a layout copy.
+
+The projections and convolutions run through `kernels.fused_pointwise`, which takes the modules: in CPU
+inference it applies GELU, the modulator's product with q and the residual adds as oneDNN post-ops;
+otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale
 
-from ._fused_cpu import conv_pointwise, fusion_enabled, linear, linear_binary, mlp_residual
+from kernels.fused_pointwise import conv_gelu, linear, linear_add, linear_mul, linear_split
+
+from ._mlp import ResidualMlp
 
 __all__ = ["FocalModulation", "FocalNetBlock"]
 
@@ -76,34 +82,27 @@ class FocalModulation(nn.Module):
         self.norm = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given (dropout must be off)."""
+        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
         c, levels = self.dim, self.focal_level
-        fused = fusion_enabled(x)
-        if fused:
-            # Three projections from row blocks of `f`: q and the context come out contiguous, so the
-            # depthwise convs read the context without a copy and `h` can multiply q in its epilogue.
-            weight, bias = self.f.weight, self.f.bias
-            q, ctx, gates = (
-                linear(x, weight[s], None if bias is None else bias[s])
-                for s in (slice(0, c), slice(c, 2 * c), slice(2 * c, None))
-            )
-            ctx = ctx.permute(0, 3, 1, 2)
-        else:
-            q, ctx, gates = self.f(x).split((c, c, levels + 1), dim=-1)
-            ctx = ctx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        # Fused, q and the context come out contiguous (one GEMM per row block of `f`), so the depthwise
+        # convs read the context without a copy and `h` can multiply q in its epilogue.
+        q, ctx, gates = linear_split(x, self.f, (c, c, levels + 1))
+        ctx = ctx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a no-op when fused
         ctx_all = None
-        for level, layer in enumerate(self.focal_layers):
-            ctx = conv_pointwise(layer[0], ctx, "gelu")  # (B, C, H, W), channels_last
+        for level, (conv, act) in enumerate(self.focal_layers):
+            ctx = conv_gelu(ctx, conv, act.approximate)  # (B, C, H, W), channels_last
             term, gate = ctx.permute(0, 2, 3, 1), gates[..., level : level + 1]
             ctx_all = term * gate if ctx_all is None else torch.addcmul(ctx_all, term, gate)
         ctx_global = self.act(ctx.mean((2, 3), keepdim=True)).permute(0, 2, 3, 1)
         ctx_all = torch.addcmul(ctx_all, ctx_global, gates[..., levels:])
         if self.normalize_modulator:
             ctx_all = ctx_all / (levels + 1)
-        out = self.norm(linear_binary(ctx_all, q, self.h.weight, self.h.bias, "mul"))
+        out = self.norm(linear_mul(ctx_all, self.h, q))
         if residual is None:
-            return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
-        return linear_binary(out, residual, self.proj.weight, self.proj.bias, "add")
+            return self.proj_drop(linear(out, self.proj))
+        if self.training and self.proj_drop.p > 0:  # the dropout sits between the projection and the add
+            return residual + self.proj_drop(linear(out, self.proj))
+        return linear_add(out, self.proj, residual)
 
 
 class FocalNetBlock(nn.Module):
@@ -160,7 +159,7 @@ class FocalNetBlock(nn.Module):
         self.ls1 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.Identity() if use_post_norm else norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.mlp = ResidualMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.norm2_post = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
         self.ls2 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -169,12 +168,11 @@ class FocalNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if self._plain and not (
-            self.training and (self.modulation.proj_drop.p > 0 or not isinstance(self.drop_path1, nn.Identity))
-        ):
+        # Without an active drop-path the residual adds go into the projections before them.
+        if self._plain and not (self.training and not isinstance(self.drop_path1, nn.Identity)):
             x = self.modulation(self.norm1(x), residual=x)
         else:
             x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
         if self._plain and not (self.training and not isinstance(self.drop_path2, nn.Identity)):
-            return mlp_residual(self.mlp, self.norm2(x), x)
+            return self.mlp(self.norm2(x), residual=x)
         return x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))

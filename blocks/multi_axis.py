@@ -16,66 +16,40 @@ view with channels_last strides, so no layout copy is made between the MBConv an
 Maps whose sides are not multiples of P (or G) are zero-padded on the bottom/right and the padded
 keys are masked out of the softmax, so a real token attends to the real tokens of its window or grid
 cell only; the official model has no padding and requires every stage map to divide by P and G.
+
+The projections, convolutions and BatchNorms run through `kernels.fused_pointwise`, which takes the
+modules: in CPU inference it folds the BatchNorms into the convs and applies the tanh-GELU and the
+residual adds as oneDNN post-ops; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, SEModule, to_2tuple
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from timm.layers import DropPath, SEModule, to_2tuple
+
+from kernels.fused_pointwise import (
+    bn_pointwise_conv_bn_gelu,
+    conv_bn_gelu,
+    linear_add,
+    pointwise_conv,
+    pointwise_conv_add,
+)
 
 from ._layout import grid_partition, grid_reverse, pad_to_multiple, window_partition, window_reverse
+from ._mlp import ResidualMlp
 
 __all__ = [
     "MBConv",
     "TfSameConv2d",
-    "conv_bn_gelu",
     "MaxViTBlock",
     "PartitionAttention",
     "PartitionTransformerLayer",
     "RelativePositionBias2d",
 ]
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    # The official code's GELU is the tanh approximation.
-    return F.gelu(x, approximate="tanh")
-
-
-# CPU inference runs the convs and projections through oneDNN with the tanh-GELU or the residual add
-# as a post-op, and with the MBConv's BatchNorms folded into the adjacent convs; both equal the plain
-# ops to float rounding. The fused ops have no autograd formulas and must not hide from dispatch modes
-# (FLOP counters, fake tensors) or tracing, hence the conditions. `ZOO_CPU_FUSION=0` turns it off.
-_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def fusion_enabled(x: torch.Tensor) -> bool:
-    """Whether the fused oneDNN inference path may run for x: CPU fp32/bf16, no grad, eager, no dispatch mode."""
-    # Compilation is asked first: Dynamo cannot trace the dispatch-mode query.
-    return (
-        _MKLDNN
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not torch.is_grad_enabled()
-        and os.environ.get("ZOO_CPU_FUSION", "1") != "0"
-        and _get_current_dispatch_mode() is None
-    )
-
-
-def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], "tanh")
-
-
-def _linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor):
-    return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), weight, bias, "add")
 
 
 class TfSameConv2d(nn.Conv2d):
@@ -84,6 +58,8 @@ class TfSameConv2d(nn.Conv2d):
     A depthwise conv takes the extra bottom/right pixel as a leading zero row/column of its kernel and
     symmetric padding instead of a padded copy of its input (timm's `Conv2dSame`): on the 4x-wide
     MBConv maps that copy costs several times the convolution itself. Other convs pad the input.
+
+    `conv_geometry` declares the forward a plain convolution, which `kernels.fused_pointwise` may fuse.
     """
 
     def __init__(
@@ -101,8 +77,16 @@ class TfSameConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, 0, groups=groups, bias=bias, device=device, dtype=dtype
         )
 
-    def geometry(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(input, weight, symmetric padding) whose plain convolution is the 'same' one of (x, weight)."""
+    def conv_geometry(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(input, weight, symmetric padding) whose plain convolution is the 'same' one of (x, weight).
+
+        Args:
+            x: (B, C_in, H, W).
+            weight: (C_out, C_in / groups, k, k).
+
+        Returns:
+            x, possibly padded at the bottom/right; weight, possibly with a leading zero row/column; the padding.
+        """
         before, extra = [], []
         for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
             total = max((-(-size // s) - 1) * s + k - size, 0)
@@ -116,26 +100,9 @@ class TfSameConv2d(nn.Conv2d):
         return x, weight, before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight, padding = self.geometry(x, self.weight)
+        """x: (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
+        x, weight, padding = self.conv_geometry(x, self.weight)
         return F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
-
-
-def conv_bn_gelu(conv: TfSameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(bn(conv(x))) for x: (B, C, H, W); on CPU in eval mode, one oneDNN call with bn folded into conv."""
-    if not (fusion_enabled(x) and not bn.training):
-        return _gelu_tanh(bn(conv(x)))
-    scale, shift = _bn_affine(bn)
-    bias = shift if conv.bias is None else shift + conv.bias * scale
-    x, weight, padding = conv.geometry(x, conv.weight * scale[:, None, None, None])
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, weight, bias, padding, list(conv.stride), list(conv.dilation), conv.groups, "gelu", [], "tanh"
-    )
-
-
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) such that bn(x) = x * scale + shift per channel, in eval mode."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
 
 
 class RelativePositionBias2d(nn.Module):
@@ -272,9 +239,14 @@ class PartitionAttention(nn.Module):
         out = self._merge(out, size)
         return out[:, :h, :w] if pad[0] or pad[1] else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
-        return self.proj_drop(self.proj(self.mix(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
+        out = self.mix(x)
+        if residual is None:
+            return self.proj_drop(self.proj(out))
+        if self.training and self.proj_drop.p > 0:  # the dropout sits between the projection and the add
+            return residual + self.proj_drop(self.proj(out))
+        return linear_add(out, self.proj, residual)
 
 
 class PartitionTransformerLayer(nn.Module):
@@ -313,31 +285,20 @@ class PartitionTransformerLayer(nn.Module):
             dim, partition, size, head_dim=head_dim, attn_drop=attn_drop, proj_drop=proj_drop, **dd
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=proj_drop, **dd)
+        # The official code's GELU is the tanh approximation.
+        self.mlp = ResidualMlp(
+            dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=proj_drop, **dd
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fusion_enabled(x) and not (self.training or self.attn.training):
-            proj, mlp = self.attn.proj, self.mlp
-            x = _linear_add(self.attn.mix(self.norm1(x)), proj.weight, proj.bias, x)
-            hidden = _linear_gelu(self.norm2(x), mlp.fc1.weight, mlp.fc1.bias)
-            return _linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv applied to x: (B, H, W, C_in) as the matmul it is -> (B, H, W, C_out).
-
-    PyTorch sends 1x1 convs on small single-threaded batches to its slow im2col path; a linear
-    layer on channels-last memory is one GEMM whatever the thread count.
-    """
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
-
-
-def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm2d on x: (B, H, W, C) through its NCHW view (channels_last strides, no copy)."""
-    return bn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Without an active drop-path each residual add goes into the projection before it.
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class _Shortcut(nn.Module):
@@ -359,7 +320,7 @@ class _Shortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / 2), ceil(W / 2), C)."""
         x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return _pointwise(self.expand, x) if isinstance(self.expand, nn.Conv2d) else x
+        return x if isinstance(self.expand, nn.Identity) else pointwise_conv(x, self.expand)
 
 
 class MBConv(nn.Module):
@@ -368,8 +329,8 @@ class MBConv(nn.Module):
     BN -> 1x1 conv (C_in -> 4 C) -> BN, GELU -> 3x3 depthwise conv (stride s, TF 'same' padding) -> BN,
     GELU -> SE -> 1x1 conv (4 C -> C), plus the shortcut (average-pooled and projected when strided).
 
-    The 1x1 convs keep Conv2d weights (the checkpoints' layout) but run as linear layers on the
-    channels-last map.
+    The 1x1 convs keep Conv2d weights (the checkpoints' layout) but run as GEMMs on the channels-last map
+    (`kernels.fused_pointwise.pointwise_conv`).
 
     Args:
         in_dim: input channels C_in.
@@ -413,31 +374,15 @@ class MBConv(nn.Module):
         self.conv3_1x1 = nn.Conv2d(hidden, dim, 1, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _squeeze_excite(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.silu(_pointwise(self.se.fc1, x.mean((1, 2), keepdim=True)))
-        return x * torch.sigmoid(_pointwise(self.se.fc2, s))
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # pre_norm and norm1 fold into conv1's weight and bias, norm2 into the depthwise conv's.
-        scale0, shift0 = _bn_affine(self.pre_norm)
-        scale1, shift1 = _bn_affine(self.norm1)
-        weight = self.conv1_1x1.weight.flatten(1)
-        y = _linear_gelu(x, weight * scale0 * scale1[:, None], (weight @ shift0) * scale1 + shift1)
-        y = conv_bn_gelu(self.conv2_kxk, self.norm2, y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return _linear_add(
-            self._squeeze_excite(y), self.conv3_1x1.weight.flatten(1), self.conv3_1x1.bias, self.shortcut(x)
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / s), ceil(W / s), C)."""
-        # Folding needs every BatchNorm in eval mode (BN recalibration trains them alone under no_grad).
-        if fusion_enabled(x) and not any(m.training for m in (self, self.pre_norm, self.norm1, self.norm2)):
-            return self._fused_forward(x)
-        y = _pointwise(self.conv1_1x1, _batch_norm(self.pre_norm, x))
-        y = _gelu_tanh(_batch_norm(self.norm1, y))
-        y = conv_bn_gelu(self.conv2_kxk, self.norm2, y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        y = _pointwise(self.conv3_1x1, self._squeeze_excite(y))
-        return self.shortcut(x) + self.drop_path(y)
+        y = bn_pointwise_conv_bn_gelu(x, self.pre_norm, self.conv1_1x1, self.norm1, "tanh")
+        # The NCHW views of the contiguous (B, H, W, C) maps have channels_last strides: no layout copies.
+        y = conv_bn_gelu(y.permute(0, 3, 1, 2), self.conv2_kxk, self.norm2, "tanh")
+        y = self.se(y).permute(0, 2, 3, 1)
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return self.shortcut(x) + self.drop_path(pointwise_conv(y, self.conv3_1x1))
+        return pointwise_conv_add(y, self.conv3_1x1, self.shortcut(x))
 
 
 class MaxViTBlock(nn.Module):

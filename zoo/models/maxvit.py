@@ -40,7 +40,8 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d, NormMlpClassifierHead
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.multi_axis import MaxViTBlock, TfSameConv2d, conv_bn_gelu
+from blocks.multi_axis import MaxViTBlock, TfSameConv2d
+from kernels.fused_pointwise import conv_bn_gelu
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, strict_key_check
 
@@ -69,7 +70,8 @@ class MaxViTStem(nn.Module):
         # channels_last from the start: every conv then runs on NHWC memory and the (B, H, W, C) views
         # the blocks take cost nothing.
         x = x.contiguous(memory_format=torch.channels_last)
-        return self.conv2(conv_bn_gelu(self.conv1, self.norm1, x)).permute(0, 2, 3, 1)
+        # The official code's GELU is the tanh approximation.
+        return self.conv2(conv_bn_gelu(x, self.conv1, self.norm1, "tanh")).permute(0, 2, 3, 1)
 
 
 class MaxViTStage(nn.Module):
