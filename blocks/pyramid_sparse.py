@@ -9,7 +9,8 @@ of the two blocks, then gives each query block's most important key blocks their
 next ones 2x, 4x or 8x average-pooled keys and values, and skips the rest: by fixed quotas per level
 (`assignment="quota"`, the official `topk` mask mode) or by the cumulative importance each level must
 reach (`assignment="threshold"`, the official `thresholdbound`). An optional similarity constraint
-pools a key block only as far as its keys are alike. The op itself (`kernels.pyramid_sparse`) adds
+pools a key block only as far as its keys are alike. The op itself (`kernels.block_sparse_attention`, its
+levels 0..3 for the factors 1..8) adds
 log(pool factor) to a pooled key's logit, so that it weighs as the tokens it stands for, under one
 softmax.
 
@@ -32,9 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.pyramid_sparse import POOL_FACTORS, pyramid_sparse_attention
+from kernels import block_sparse_attention, tables_from_level_map
 
 __all__ = [
+    "POOL_FACTORS",
     "PSAConfig",
     "PyramidSparseAttention",
     "VideoSelfAttention",
@@ -44,11 +46,14 @@ __all__ = [
     "block_importance",
     "gilbert_curve",
     "plan_levels",
+    "pyramid_sparse_attention",
     "similarity_cap",
     "video_token_order",
 ]
 
 ASSIGNMENTS = ("quota", "threshold")
+# PSA's levels: a key block at full resolution (1), pooled in groups of 2, 4 or 8 tokens, or skipped (0).
+POOL_FACTORS = (1, 2, 4, 8)
 REORDERS = ("gilbert", "tiles", "none")
 
 
@@ -270,6 +275,71 @@ def plan_levels(
     if full_key_from is not None and full_key_from < k.shape[2]:
         levels[..., full_key_from // config.block_k :] = 1
     return levels
+
+
+# PSA's level (0 skip, pooling factor 1/2/4/8) -> the block-sparse op's (-1 skip, pyramid level log2(factor)).
+_OP_LEVEL = (-1, 0, 1, -1, 2, -1, -1, -1, 3)
+
+
+def pyramid_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    levels: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Each query block attends to every key block at the level `levels` gives the pair (one softmax).
+
+    PSA is block-sparse attention whose index table lists the kept key blocks and whose level table gives
+    each one's pooling (factor 2**p at the op's level p): this translates the levels and calls the op.
+
+    Args:
+        q: (B, H, Lq, D) queries.
+        k: (B, H, Lk, D) keys.
+        v: (B, H, Lk, Dv) values.
+        levels: (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) integers: 1 full keys, 2/4/8 keys and values
+            average-pooled in groups of that many tokens (their logits raised by log of the group size),
+            0 skipped.
+        block_q: query tokens per block.
+        block_k: key tokens per block.
+        scale: logit scale; defaults to D ** -0.5.
+
+    Returns:
+        (B, H, Lq, Dv); zero rows for query blocks that skip every key block.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            "pyramid_sparse_attention expects q (B, H, Lq, D) and k (B, H, Lk, D), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if not (isinstance(size, int) and size > 0):
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    expected = (q.shape[0], q.shape[1], -(-q.shape[2] // block_q), -(-k.shape[2] // block_k))
+    if tuple(levels.shape) != expected:
+        raise ValueError(
+            f"pyramid_sparse_attention expects levels (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) = {expected} "
+            f"for q {tuple(q.shape)} and k {tuple(k.shape)}, got {tuple(levels.shape)}"
+        )
+    if levels.dtype.is_floating_point or levels.dtype.is_complex or levels.dtype == torch.bool:
+        raise ValueError(f"levels must be an integer tensor, got {levels.dtype}")
+    if levels.device.type == "cpu" and levels.numel():  # a value check on CUDA would be a device sync
+        bad = ~torch.isin(levels, torch.tensor((0, *POOL_FACTORS), dtype=levels.dtype))
+        if bad.any():
+            raise ValueError(
+                f"levels must take values in {(0, *POOL_FACTORS)}, got {sorted(set(levels[bad].tolist()))[:8]}"
+            )
+    op_level = torch.tensor(_OP_LEVEL, device=levels.device)[levels.long()]
+    # Eagerly, the table is as wide as the longest row of kept blocks; compiled (or on meta), every key block.
+    width = None
+    if not torch.compiler.is_compiling() and op_level.device.type != "meta" and op_level.numel():
+        width = max(1, int((op_level >= 0).sum(-1).max()))
+    kv_index, kv_level = tables_from_level_map(op_level, width)
+    return block_sparse_attention(
+        q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=len(POOL_FACTORS)
+    )
 
 
 def attention_density(levels: torch.Tensor) -> torch.Tensor:

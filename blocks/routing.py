@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import routed_attention
+from kernels import block_sparse_attention
 
 from ._layout import pad_to_multiple, window_partition, window_reverse
 
@@ -112,11 +112,21 @@ class BiLevelRoutingAttention(nn.Module):
         q_win, k_win, v_win = (window_partition(t, window).reshape(b, regions, tokens, -1) for t in (q, k, v))
         region_index = route_regions(q_win.mean(2), k_win.mean(2), self.topk, self.scale)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, R, L, h * d) -> (B, h, R, L, d)
-            return t.unflatten(-1, (self.num_heads, -1)).permute(0, 3, 1, 2, 4)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, R, L, h * d) -> (B, h, R * L, d)
+            return t.unflatten(-1, (self.num_heads, -1)).permute(0, 3, 1, 2, 4).flatten(2, 3)
 
-        out = routed_attention(heads(q_win), heads(k_win), heads(v_win), region_index, self.scale)
-        out = out.permute(0, 2, 3, 1, 4).reshape(b, regions, window[0], window[1], self.dim)
+        # Routed attention is block-sparse attention with one block per region and the routing index as the
+        # index table, shared by the heads.
+        out = block_sparse_attention(
+            heads(q_win),
+            heads(k_win),
+            heads(v_win),
+            region_index.unsqueeze(1),
+            block_q=tokens,
+            block_k=tokens,
+            scale=self.scale,
+        )
+        out = out.unflatten(2, (regions, tokens)).permute(0, 2, 3, 1, 4).reshape(b, regions, window[0], window[1], -1)
         out = window_reverse(out, (self.n_win, self.n_win))
         if self.lepe is not None:
             out = out + _channels_last(self.lepe(_channels_first(v)))

@@ -1,20 +1,30 @@
 """Backend selection shared by every op in `kernels/`.
 
-`ZOO_KERNELS=torch|triton|auto` (default `auto`) picks the implementation: `auto` takes the
-Triton path for CUDA tensors and the PyTorch reference elsewhere. Under `TRITON_INTERPRET=1`
-(which must be set before `kernels` is imported) `triton` also runs on CPU tensors.
+`ZOO_KERNELS` names the implementation every op takes (default `auto`):
+
+- `reference`: the plain statement of the op (the oracle; slow, for checking);
+- `torch`: the op's fast PyTorch path, which picks its form itself (`flex` or `gather` for attention);
+- `flex`: FlexAttention block masks (attention ops; CUDA forward and backward, CPU forward only);
+- `gather`: gathered slots with fused `scaled_dot_product_attention` (attention ops; everywhere);
+- `triton`: the Triton kernels (CUDA, or CPU tensors under `TRITON_INTERPRET=1`, set before `kernels` is
+  imported);
+- `auto`: the fastest measured path for the device and grad mode, as each op's dispatch states.
+
+An op without a form of its own for `flex` or `gather` takes its `torch` path for them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["BACKENDS", "kernel_backend", "select_backend", "triton_available"]
+__all__ = ["BACKENDS", "kernel_backend", "needs_grad", "select_backend", "triton_available"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "flex", "gather", "triton")
+_TORCH_FORMS = ("flex", "gather")
 _log = logging.getLogger("kernels")
 
 
@@ -38,22 +48,51 @@ def triton_available() -> bool:
     return True
 
 
-def select_backend(op: str, *tensors: torch.Tensor) -> str:
-    """Return "torch" or "triton" for an op called on `tensors` and log the choice at debug level."""
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on `tensors` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _default_auto(device: str, grad: bool) -> str:
+    return "triton" if device == "cuda" and triton_available() else "torch"
+
+
+def select_backend(
+    op: str,
+    *tensors: torch.Tensor,
+    backends: Sequence[str] = ("reference", "torch", "triton"),
+    auto: Callable[[str, bool], str] | None = None,
+) -> str:
+    """The backend an op runs for `tensors`, logged at debug level.
+
+    Args:
+        op: the op's name (in messages and the log).
+        tensors: its tensor inputs (device and grad mode decide `auto`).
+        backends: the backends the op has, among `BACKENDS` less `auto`.
+        auto: (device type, grad needed) -> backend, the op's measured choice; default: `triton` on CUDA,
+            `torch` elsewhere.
+
+    Returns:
+        One of `backends`.
+    """
     requested = kernel_backend()
-    on_cuda = all(t.is_cuda for t in tensors)
+    device = "cuda" if tensors and all(t.is_cuda for t in tensors) else tensors[0].device.type if tensors else "cpu"
     if requested == "auto":
-        backend = "triton" if on_cuda and triton_available() else "torch"
-    elif requested == "triton":
+        backend = (auto or _default_auto)(device, needs_grad(*tensors))
+    elif requested in _TORCH_FORMS and requested not in backends:
+        backend = "torch"
+    else:
+        backend = requested
+    if backend not in backends:
+        raise RuntimeError(f"{op} has no {backend!r} backend (ZOO_KERNELS={requested}); it has {tuple(backends)}")
+    if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"ZOO_KERNELS=triton but triton is not installed (op {op})")
-        if not on_cuda and not triton_interpreted():
+        if device != "cuda" and not triton_interpreted():
             raise RuntimeError(
-                f"ZOO_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported (op {op})"
+                f"ZOO_KERNELS=triton on {device} tensors needs TRITON_INTERPRET=1 set before `kernels` is imported "
+                f"(op {op})"
             )
-        backend = "triton"
-    else:
-        backend = "torch"
     if not torch.compiler.is_compiling():  # a logging call inside a compiled region is a graph break
         _log.debug("%s: %s path", op, backend)
     return backend

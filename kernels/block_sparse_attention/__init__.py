@@ -1,34 +1,71 @@
 """Block-sparse attention: query blocks attend to listed key/value blocks, each at a pooling level.
 
-One op behind the zoo's attention mixers: BiFormer's routed regions (one index row per query region),
-window/grid attention (every block lists itself), pooled keys/values (HiLo's low-frequency path) and
-Pyramid Sparse Attention (a level per (query block, key block) pair). `block_sparse_attention` checks
-its inputs once, then runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere
-(`ZOO_KERNELS` forces one). The definition is in `reference.py`.
+The one attention op behind the zoo's sparse mixers: BiFormer's routed regions (one index row per query
+region), windows (every block lists itself, with a relative-position bias), pooled keys/values, and Pyramid
+Sparse Attention (a level per (query block, key block) pair). Mixers are translators: they build the index
+and level tables and call `block_sparse_attention`, which checks its inputs once and runs one backend:
+
+- `reference` (`reference.py`): the definition, a masked dense form; the oracle of the tests;
+- `flex` (`torch_impl.py`): FlexAttention with a block mask built from the tables;
+- `gather` (`torch_impl.py`): the listed slots gathered, fused SDPA on them, in slabs in inference;
+- `triton` (`triton_impl.py`): FlashAttention-style kernels that stream the listed blocks.
+
+`ZOO_KERNELS` forces one (`torch`: the faster of flex and gather for the call); `auto` takes the measured
+choice in `_auto_backend`. Which path ran is logged at debug level on the "kernels" logger.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .._backend import select_backend
-from .reference import (
-    block_sparse_attention_dense,
-    block_sparse_attention_reference,
-    default_query_block_chunk,
-    pool_bias,
-    pool_blocks,
-)
+from .._backend import needs_grad, select_backend
+from .reference import block_sparse_attention_reference
+from .torch_impl import block_sparse_attention_flex, block_sparse_attention_gather, flex_available
 
 __all__ = [
     "block_sparse_attention",
-    "block_sparse_attention_dense",
+    "block_sparse_attention_flex",
+    "block_sparse_attention_gather",
     "block_sparse_attention_reference",
-    "default_query_block_chunk",
-    "pool_bias",
-    "pool_blocks",
     "tables_from_level_map",
 ]
+
+BACKENDS = ("reference", "torch", "flex", "gather", "triton")
+# FlexAttention's compiled CPU kernel walks key blocks one at a time: below this many tokens per block (BiFormer's
+# 4- and 16-token regions) the gathered slots with one fused SDPA are faster (benchmarks/kernels_cpu.py).
+_FLEX_MIN_BLOCK = 32
+
+
+def _torch_form(device: str, grad: bool, block_q: int, block_k: int) -> str:
+    """The faster PyTorch form, as measured: FlexAttention where it has the pass and blocks are large enough."""
+    if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
+        return "gather"
+    if device == "cuda" or (device == "cpu" and not grad):  # torch 2.14: no FlexAttention backward on the CPU
+        return "flex"
+    return "gather"
+
+
+def _backend_for(q, k, v, bias, block_q: int, block_k: int) -> str:
+    def auto(device: str, grad: bool) -> str:
+        from .._backend import triton_available
+
+        if device == "cuda" and triton_available():
+            return "triton"  # the peer of FlexAttention on CUDA: benchmarks/gpu.sh measures both
+        return _torch_form(device, grad, block_q, block_k)
+
+    backend = select_backend("block_sparse_attention", q, k, v, backends=BACKENDS, auto=auto)
+    if backend == "torch":
+        device = "cuda" if q.is_cuda else q.device.type
+        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k)
+        if not torch.compiler.is_compiling():
+            logging.getLogger("kernels").debug("block_sparse_attention: torch path is %s", backend)
+    if backend == "flex" and q.device.type == "cpu" and needs_grad(q, k, v, bias):
+        raise RuntimeError(
+            "ZOO_KERNELS=flex: torch's FlexAttention has no backward on the CPU; use gather (or auto) to train"
+        )
+    return backend
 
 
 def _is_int(dtype: torch.dtype) -> bool:
@@ -134,11 +171,23 @@ def block_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if bias is not None:
         bias = bias.to(q.dtype)
-    if select_backend("block_sparse_attention", q, k, v) == "triton":
+    if kv_level is not None and num_levels == 1:
+        kv_level = None
+    args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+    if q.shape[2] == 0 or kv_index.shape[-1] == 0 or k.shape[2] == 0:  # nothing to attend to
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        # Kept in the graph (zero gradients) so that a backward through it works as through any other call.
+        return out + 0 * (q.sum() + k.sum() + v.sum()) if needs_grad(q, k, v) else out
+    backend = _backend_for(q, k, v, bias, block_q, block_k)
+    if backend == "triton":
         from .triton_impl import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
-    return block_sparse_attention_reference(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+        return block_sparse_attention_triton(*args)
+    if backend == "flex":
+        return block_sparse_attention_flex(*args)
+    if backend == "gather":
+        return block_sparse_attention_gather(*args)
+    return block_sparse_attention_reference(*args)
 
 
 def tables_from_level_map(level_map: torch.Tensor, max_entries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,7 @@
-"""The block-sparse attention reference: its two forms agree, it means what the docstring says, it is
-differentiable (gradcheck in float64), and bad inputs are named."""
+"""The block-sparse attention reference (the oracle) means what its docstring says: full tables are dense
+attention, windows with a bias are window attention, pooled blocks of equal tokens weigh as the tokens,
+repeats count twice, routed regions are a gather of regions; it is differentiable (gradcheck in float64);
+the dispatch names bad inputs."""
 
 from __future__ import annotations
 
@@ -9,11 +11,10 @@ import torch.nn.functional as F
 
 from kernels.block_sparse_attention import (
     block_sparse_attention,
-    block_sparse_attention_dense,
+    block_sparse_attention_gather,
     block_sparse_attention_reference,
     tables_from_level_map,
 )
-from kernels.routed_attention import routed_attention_reference
 
 F64 = torch.float64
 
@@ -30,34 +31,27 @@ def _tables(shape, num_blocks, num_levels):
     return index, torch.randint(0, num_levels, shape)
 
 
-@pytest.mark.parametrize("bias_heads", [None, 1, 2])
 @pytest.mark.parametrize("table_heads", [1, 2])
-def test_reference_equals_dense_masked_form(bias_heads, table_heads):
+def test_gather_slabs_equal_one_pass(table_heads):
     q, k, v = _qkv()  # 23 queries in blocks of 6, 29 keys in blocks of 7: both end in a short block
     index, level = _tables((2, table_heads, 4, 5), 5, 4)
     index[0, 0, 0] = -1  # an empty row
     index[1, 0, 1] = torch.tensor([3, 3, 3, 4, -1])  # repeats
-    bias = None if bias_heads is None else torch.randn(bias_heads, 6, 7, dtype=F64)
-    expected = block_sparse_attention_dense(q, k, v, index, level, bias, 6, 7, 0.4, num_levels=4)
+    bias = torch.randn(2, 6, 7, dtype=F64)
+    args = (q, k, v, index, level, bias, 6, 7, 0.4, 4)
+    expected = block_sparse_attention_reference(*args)
     for chunk in (None, 1, 3):
-        args = (q, k, v, index, level, bias, 6, 7, 0.4, 4)
-        out = block_sparse_attention_reference(*args, query_block_chunk=chunk, form="gather")
-        torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(block_sparse_attention_reference(*args), expected)  # "auto" picks either
+        torch.testing.assert_close(block_sparse_attention_gather(*args, query_block_chunk=chunk), expected)
     assert torch.equal(expected[0, 0, :6], torch.zeros(6, 4, dtype=F64))  # the empty row
 
 
-@pytest.mark.parametrize("form", ["gather", "masked"])
-def test_gradcheck_float64(form):
+@pytest.mark.parametrize("fn", [block_sparse_attention_reference, block_sparse_attention_gather])
+def test_gradcheck_float64(fn):
     q, k, v = _qkv(b=1, h=2, lq=7, lk=11, d=3, dv=2, grad=True)
     bias = torch.randn(1, 4, 4, dtype=F64, requires_grad=True)
     index = torch.tensor([[[[0, 2, -1], [1, 1, 2]]]])
     level = torch.tensor([[[[0, 2, 0], [1, 0, 2]]]])
-
-    def fn(q, k, v, bias):
-        return block_sparse_attention_reference(q, k, v, index, level, bias, 4, 4, 0.7, num_levels=3, form=form)
-
-    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda q, k, v, b: fn(q, k, v, index, level, b, 4, 4, 0.7, 3), (q, k, v, bias))
 
 
 def test_full_table_at_level_zero_is_dense_attention():
@@ -110,14 +104,23 @@ def test_empty_tables_give_zeros():
         assert torch.equal(out, torch.zeros(2, 2, 23, 4, dtype=F64))
 
 
-def test_routed_attention_is_a_case():
-    q, k, v = _qkv(b=2, h=2, lq=6 * 3, lk=5 * 4)
+@pytest.mark.parametrize("backend", ["reference", "gather", "flex", "triton"])
+def test_routed_attention_is_a_case(backend, monkeypatch):
+    # BiFormer's routed attention as its official code computes it: gather the routed regions' keys and
+    # values for every query region, attend with one softmax.
+    monkeypatch.setenv("ZOO_KERNELS", backend)
+    q, k, v = _qkv(b=2, h=2, lq=6 * 3, lk=5 * 4, dtype=torch.float32)
     region_index = torch.randint(0, 5, (2, 6, 3))
-    out = block_sparse_attention(q, k, v, region_index.unsqueeze(1), block_q=3, block_k=4, scale=0.4)
-    expected = routed_attention_reference(
-        q.unflatten(2, (6, 3)), k.unflatten(2, (5, 4)), v.unflatten(2, (5, 4)), region_index, 0.4
-    )
-    torch.testing.assert_close(out, expected.flatten(2, 3))
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, region_index.unsqueeze(1), block_q=3, block_k=4, scale=0.4)
+    ks, vs = (
+        t.unflatten(2, (5, 4))[
+            torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None], region_index[:, None]
+        ].flatten(3, 4)
+        for t in (k, v)
+    )  # (B, H, R, 3 * 4, D)
+    attn = (q.unflatten(2, (6, 3)) @ ks.transpose(-1, -2) * 0.4).softmax(-1)
+    torch.testing.assert_close(out, (attn @ vs).flatten(2, 3), atol=1e-5, rtol=1e-5)
 
 
 def test_tables_from_level_map():
@@ -137,7 +140,7 @@ def test_default_scale_and_num_levels():
     index, level = _tables((2, 1, 4, 3), 5, 3)
     level[0, 0, 0, 0] = 2
     out = block_sparse_attention(q, k, v, index, level, block_q=6, block_k=7)
-    expected = block_sparse_attention_dense(q, k, v, index, level, None, 6, 7, 5**-0.5, num_levels=3)
+    expected = block_sparse_attention_reference(q, k, v, index, level, None, 6, 7, 5**-0.5, num_levels=3)
     torch.testing.assert_close(out, expected)
 
 

@@ -1,5 +1,6 @@
-"""Triton block-sparse attention (interpreted on CPU, fp32, fixed tile 16) against the reference,
-forward and backward (q, k, v and bias).
+"""Every backend of block-sparse attention against the reference (the oracle), forward and backward (q, k,
+v and bias): `gather` (fused SDPA on gathered slots), `triton` (interpreted on CPU, fp32, fixed tile 16) and
+`flex` (FlexAttention, compiled; forward only: torch 2.14 has no FlexAttention backward on the CPU).
 
 Shapes are small and ragged on purpose: block sizes that are not multiples of the tile (or of the
 pooling groups), sequences ending in a short block, head dims that are not powers of two, Dv != D,
@@ -18,8 +19,19 @@ pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference  # noqa: E402
+from kernels.block_sparse_attention import (  # noqa: E402
+    block_sparse_attention,
+    block_sparse_attention_flex,
+    block_sparse_attention_gather,
+    block_sparse_attention_reference,
+)
 from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton, invert_index  # noqa: E402
+
+BACKENDS = {
+    "gather": block_sparse_attention_gather,
+    "triton": block_sparse_attention_triton,
+    "flex": block_sparse_attention_flex,
+}
 
 ATOL = RTOL = 2e-4
 
@@ -32,12 +44,18 @@ def _grads(out, inputs, grad_out):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
 
 
-def _check(q, k, v, index, level, bias, block_q, block_k, scale, num_levels, fn=None):
+def _check(q, k, v, index, level, bias, block_q, block_k, scale, num_levels, fn=None, backend="triton"):
+    args = (q, k, v, index, level, bias, block_q, block_k, scale, num_levels)
+    expected = block_sparse_attention_reference(*args)
+    if backend == "flex":  # forward only on the CPU
+        with torch.no_grad():
+            out = BACKENDS[backend](*args)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+        return out, None
     if fn is None:
-        out = block_sparse_attention_triton(q, k, v, index, level, bias, block_q, block_k, scale, num_levels)
+        out = BACKENDS[backend](*args)
     else:
         out = fn(q, k, v, index, level, bias, block_q=block_q, block_k=block_k, scale=scale, num_levels=num_levels)
-    expected = block_sparse_attention_reference(q, k, v, index, level, bias, block_q, block_k, scale, num_levels)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     inputs = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
     grad_out = torch.randn_like(expected)
@@ -80,28 +98,31 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case):
+def test_matches_reference(case, backend):
     b, h, lq, lk, d, dv, bq, bk, bias_heads, index, level = CASES[case]
     q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
     index = torch.tensor(index)
     level = None if level is None else torch.tensor(level)
     num_levels = 1 if level is None else int(level.max()) + 1
-    _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels)
+    _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels, backend=backend)
 
 
-def test_masking_bias_rows():
+@pytest.mark.parametrize("backend", ["gather", "triton"])
+def test_masking_bias_rows(backend):
     # A bias of -inf masks keys; a query row that meets only -inf gets zeros and zero gradients.
     q, k, v, bias = _inputs(1, 2, 8, 8, 8, 8, 2, 4, 4)
     with torch.no_grad():
         bias[:, 0] = float("-inf")  # query offset 0 sees no key in any block
         bias[:, 1, :2] = float("-inf")
     index = torch.tensor([[[[0, 1], [1, -1]]]])
-    out, _ = _check(q, k, v, index, None, bias, 4, 4, 0.5, 1)
+    out, _ = _check(q, k, v, index, None, bias, 4, 4, 0.5, 1, backend=backend)
     assert torch.equal(out[:, :, 0], torch.zeros(1, 2, 8)) and torch.isfinite(out).all()
 
 
-def test_strided_inputs_and_int32_tables():
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_strided_inputs_and_int32_tables(backend):
     # q, k, v as views of one packed tensor (as after a fused qkv projection); a transposed bias.
     b, h, length, d = 1, 2, 19, 12
     packed = torch.randn(b, length, 3, h, d, requires_grad=True)
@@ -110,7 +131,7 @@ def test_strided_inputs_and_int32_tables():
     bias = bias_t.transpose(1, 2)
     index = torch.tensor([[[[1, 0], [0, -1], [1, 1], [0, 1]]]], dtype=torch.int32)
     level = torch.tensor([[[[0, 2, 1, 0], [1, 0, 0, 0]]]], dtype=torch.int32).transpose(-1, -2)  # other strides
-    _check(q, k, v, index, level, bias, 6, 10, 0.3, 3)
+    _check(q, k, v, index, level, bias, 6, 10, 0.3, 3, backend=backend)
 
 
 def test_invert_index():
@@ -136,25 +157,24 @@ def test_dispatch_forced_triton_and_deterministic(monkeypatch):
         assert torch.equal(a, b)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
-@given(
-    dims=st.tuples(
-        st.integers(1, 2),  # B
-        st.integers(1, 2),  # H
-        st.integers(1, 33),  # Lq
-        st.integers(1, 33),  # Lk
-        st.sampled_from([8, 12, 32]),  # D
-        st.sampled_from([4, 8, 20]),  # Dv
-        st.integers(3, 20),  # block_q
-        st.integers(2, 20),  # block_k
-        st.integers(0, 4),  # entries per row
-        st.integers(1, 4),  # levels
-    ),
-    shared=st.tuples(st.booleans(), st.booleans()),  # table shared across batch, across heads
-    bias_heads=st.sampled_from([None, 1, 2]),
-    seed=st.integers(0, 2**16),
+SHAPES = st.tuples(
+    st.integers(1, 2),  # B
+    st.integers(1, 2),  # H
+    st.integers(1, 33),  # Lq
+    st.integers(1, 33),  # Lk
+    st.sampled_from([8, 12, 32]),  # D
+    st.sampled_from([4, 8, 20]),  # Dv
+    st.integers(3, 20),  # block_q
+    st.integers(2, 20),  # block_k
+    st.integers(0, 4),  # entries per row
+    st.integers(1, 4),  # levels
 )
-def test_random_shapes(dims, shared, bias_heads, seed):
+SHARED = st.tuples(st.booleans(), st.booleans())  # table shared across batch, across heads
+BIAS_HEADS = st.sampled_from([None, 1, 2])
+SEEDS = st.integers(0, 2**16)
+
+
+def _random_case(backend, dims, shared, bias_heads, seed):
     b, h, lq, lk, d, dv, bq, bk, entries, num_levels = dims
     bias_heads = None if bias_heads is None else min(bias_heads, h)
     gen = torch.Generator().manual_seed(seed)
@@ -163,4 +183,24 @@ def test_random_shapes(dims, shared, bias_heads, seed):
     index = torch.randint(-1, mk, shape, generator=gen)  # with replacement: repeats and empties happen
     level = torch.randint(0, num_levels, shape, generator=gen)
     q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
-    _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels)
+    _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels, backend=backend)
+
+
+# Example counts follow each backend's cost per shape: the gather path is cheap, the interpreter slow, and
+# FlexAttention compiles every new shape.
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
+def test_random_shapes_gather(dims, shared, bias_heads, seed):
+    _random_case("gather", dims, shared, bias_heads, seed)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
+def test_random_shapes_triton(dims, shared, bias_heads, seed):
+    _random_case("triton", dims, shared, bias_heads, seed)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
+def test_random_shapes_flex(dims, shared, bias_heads, seed):
+    _random_case("flex", dims, shared, bias_heads, seed)

@@ -1,5 +1,6 @@
-"""The pyramid-sparse-attention reference: full density is dense attention, a pooled level is attention to
-group means, the gathered form equals the masked form, it is differentiable, and its inputs are checked."""
+"""PSA's attention as a translation to block-sparse attention: full density is dense attention, a pooled level
+is attention to group means, mixed levels equal PSA's definition written out (a masked dense form), on every
+backend; it is differentiable, and its inputs are checked."""
 
 from __future__ import annotations
 
@@ -7,14 +8,38 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.pyramid_sparse import (
-    LEVELS,
-    pyramid_sparse_attention,
-    pyramid_sparse_attention_masked,
-    pyramid_sparse_attention_reference,
-)
+from blocks.pyramid_sparse import POOL_FACTORS, pyramid_sparse_attention
 
 BQ, BK = 8, 16
+LEVELS = (0, *POOL_FACTORS)
+
+
+def _psa_by_definition(q, k, v, levels, block_q, block_k, scale):
+    """PSA from the paper's definition, block pair by block pair: the keys and values of a key block at
+    factor f replaced by their means over groups of f tokens (real tokens only), each logit raised by
+    log(tokens in its group), one softmax per query over everything its block keeps."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out = q.new_zeros(b, h, lq, v.shape[-1])
+    for i in range(levels.shape[2]):
+        rows = slice(i * block_q, min(lq, (i + 1) * block_q))
+        for bi in range(b):
+            for hi in range(h):
+                keys, values, logbias = [], [], []
+                for j in range(levels.shape[3]):
+                    f = int(levels[bi, hi, i, j])
+                    if f == 0:
+                        continue
+                    for g in range(j * block_k, min(lk, (j + 1) * block_k), f):
+                        end = min(g + f, lk, (j + 1) * block_k)
+                        keys.append(k[bi, hi, g:end].mean(0))
+                        values.append(v[bi, hi, g:end].mean(0))
+                        logbias.append(torch.tensor(float(end - g), dtype=q.dtype).log())
+                if not keys:
+                    continue
+                logits = scale * q[bi, hi, rows] @ torch.stack(keys).T + torch.stack(logbias)
+                out[bi, hi, rows] = logits.softmax(-1) @ torch.stack(values)
+    return out
 
 
 def _qkv(b=2, h=2, lq=37, lk=45, d=8, dv=6, dtype=torch.float64, grad=False):
@@ -53,24 +78,17 @@ def test_pooled_level_is_attention_to_group_means(factor, lk):
     torch.testing.assert_close(out, expected)
 
 
-def test_gathered_form_equals_masked_form_on_mixed_levels():
-    q, k, v = _qkv()
+@pytest.mark.parametrize("backend", ["reference", "gather", "flex", "triton"])
+def test_mixed_levels_follow_the_definition_on_every_backend(backend, monkeypatch):
+    monkeypatch.setenv("ZOO_KERNELS", backend)
+    q, k, v = _qkv(dtype=torch.float32)
     levels = _levels(q, k)
     levels[0, 1, 2] = 0  # a query block that skips everything
-    expected = pyramid_sparse_attention_masked(q, k, v, levels, BQ, BK, 0.3)
-    out = pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3)
-    torch.testing.assert_close(out, expected)
+    expected = _psa_by_definition(q, k, v, levels, BQ, BK, 0.3)
+    with torch.no_grad():
+        out = pyramid_sparse_attention(q, k, v, levels, BQ, BK, 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[0, 1, 2 * BQ : 3 * BQ], torch.zeros(BQ, 6, dtype=out.dtype))
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_query_block_slabs_equal_one_pass(chunk):
-    q, k, v = _qkv()
-    levels = _levels(q, k)
-    torch.testing.assert_close(
-        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3, query_block_chunk=chunk),
-        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 0.3, query_block_chunk=100),
-    )
 
 
 def test_all_skipped_gives_zeros():
@@ -103,24 +121,22 @@ def test_bfloat16_runs_its_softmax_in_float32():
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
-    q, k, v = _qkv()
+    q, k, v = _qkv(b=1, lq=17, lk=40)
     levels = _levels(q, k)
     torch.testing.assert_close(
-        pyramid_sparse_attention(q, k, v, levels, BQ, BK),
-        pyramid_sparse_attention_reference(q, k, v, levels, BQ, BK, 8**-0.5),
+        pyramid_sparse_attention(q, k, v, levels, BQ, BK), _psa_by_definition(q, k, v, levels, BQ, BK, 8**-0.5)
     )
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a: {**a, "q": a["q"][0]}, "expects q"),
+        (lambda a: {**a, "q": a["q"][0]}, r"expects q \(B, H, Lq, D\)"),
         (lambda a: {**a, "v": a["v"][:, :, :-1]}, "incompatible shapes"),
-        (lambda a: {**a, "k": a["k"].float()}, "share a dtype"),
+        (lambda a: {**a, "k": a["k"].float()}, "share a floating dtype"),
         (lambda a: {**a, "levels": a["levels"][..., :-1]}, "expects levels"),
         (lambda a: {**a, "levels": a["levels"].float()}, "integer"),
         (lambda a: {**a, "levels": a["levels"] * 3}, "values in"),
-        (lambda a: {**a, "block_k": 12}, "block_k"),
         (lambda a: {**a, "block_q": 0}, "block_q"),
     ],
 )
@@ -132,9 +148,9 @@ def test_bad_arguments_raise_value_error(change, message):
 
 
 @pytest.mark.parametrize("lq, lk", [(37, 45), (16, 64)])
-def test_triton_path_is_the_block_sparse_kernel(monkeypatch, lq, lk):
-    # ZOO_KERNELS=triton runs PSA on the block-sparse Triton kernel (interpreted here, fp32): same output and
-    # gradients as the reference, with ragged tails, skipped pairs and every pooling factor.
+def test_triton_path_equals_gather_with_gradients(monkeypatch, lq, lk):
+    # The block-sparse Triton kernel (interpreted here, fp32) against the gather path: same output and
+    # gradients, with ragged tails, skipped pairs and every pooling factor.
     pytest.importorskip("triton")
     torch.manual_seed(0)
     q, k, v = _qkv(lq=lq, lk=lk, dtype=torch.float32, grad=True)
@@ -142,7 +158,7 @@ def test_triton_path_is_the_block_sparse_kernel(monkeypatch, lq, lk):
     levels[0, 0, 0] = 0  # a query block that skips everything gives zeros
     grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],))
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("gather", "triton"):
         monkeypatch.setenv("ZOO_KERNELS", backend)
         out = pyramid_sparse_attention(q, k, v, levels, BQ, BK)
         results.append((out, torch.autograd.grad(out, (q, k, v), grad_out)))

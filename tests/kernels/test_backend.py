@@ -1,0 +1,58 @@
+"""The backend switch: `ZOO_KERNELS` names every backend, `auto` takes the measured choice per device and grad
+mode (logged at debug level), and impossible requests fail with a message that names the way out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import BACKENDS, block_sparse_attention
+from kernels._backend import kernel_backend, select_backend
+
+
+def _call(grad: bool, block: int):
+    q, k, v = (torch.randn(1, 2, 2 * block, 8, requires_grad=grad) for _ in range(3))
+    index = torch.tensor([[[[0], [1]]]])
+    return block_sparse_attention(q, k, v, index, block_q=block, block_k=block)
+
+
+@pytest.mark.parametrize(
+    "grad, block, expected",
+    [(False, 64, "flex"), (True, 64, "gather"), (False, 16, "gather"), (True, 16, "gather")],
+    ids=["inference-large-blocks", "training", "inference-small-blocks", "training-small-blocks"],
+)
+@pytest.mark.parametrize("requested", ["auto", "torch"])
+def test_cpu_choice_by_grad_mode_and_block_size(requested, grad, block, expected, monkeypatch, caplog):
+    monkeypatch.setenv("ZOO_KERNELS", requested)
+    with caplog.at_level("DEBUG", logger="kernels"), torch.set_grad_enabled(grad):
+        _call(grad, block)
+    assert f"block_sparse_attention: {expected} path" in caplog.text or f"torch path is {expected}" in caplog.text
+
+
+def test_every_backend_is_a_value_of_the_switch(monkeypatch):
+    assert set(BACKENDS) == {"auto", "reference", "torch", "flex", "gather", "triton"}
+    for name in BACKENDS:
+        monkeypatch.setenv("ZOO_KERNELS", name.upper())
+        assert kernel_backend() == name
+    monkeypatch.setenv("ZOO_KERNELS", "bogus")
+    with pytest.raises(ValueError, match=r"ZOO_KERNELS must be one of \('auto', 'reference', 'torch'"):
+        kernel_backend()
+
+
+def test_flex_training_on_the_cpu_is_refused_with_the_way_out(monkeypatch):
+    monkeypatch.setenv("ZOO_KERNELS", "flex")
+    with pytest.raises(RuntimeError, match="no backward on the CPU; use gather"):
+        _call(True, 64)
+
+
+def test_ops_without_a_flex_or_gather_form_take_their_torch_path(monkeypatch):
+    x = torch.zeros(1)
+    for name in ("flex", "gather", "torch"):
+        monkeypatch.setenv("ZOO_KERNELS", name)
+        assert select_backend("op", x) == "torch"
+    monkeypatch.setenv("ZOO_KERNELS", "auto")
+    assert select_backend("op", x) == "torch"  # CPU tensors
+    monkeypatch.setenv("ZOO_KERNELS", "triton")
+    assert select_backend("op", x) == "triton"  # allowed on CPU because tests run with TRITON_INTERPRET=1
+    with pytest.raises(RuntimeError, match=r"op has no 'triton' backend .* it has \('reference', 'torch'\)"):
+        select_backend("op", x, backends=("reference", "torch"))
