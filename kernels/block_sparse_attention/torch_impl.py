@@ -17,6 +17,7 @@ block) and attend from every query block to the pyramid slots its row lists.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -100,19 +101,59 @@ def _select_level(index: torch.Tensor, level: torch.Tensor, p: int) -> tuple[tor
     return index.gather(-1, order).clamp_min(0), torch.arange(c, device=index.device) < count.unsqueeze(-1)
 
 
-def _gather_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, S, D), slots: (B, H, Mq, W) -> (B, H, Mq, W, D)."""
-    b, h, _, d = x.shape
-    rows = torch.arange(b * h, device=x.device).view(b * h, 1, 1)
-    return x.reshape(b * h, -1, d)[rows, slots.reshape(b * h, *slots.shape[2:])].view(*slots.shape, d)
+def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: int):
+    """The levels in use laid end to end (the pyramid) and, per query block, the pyramid rows it lists.
+
+    Rows are runs of `unit` consecutive slots (the largest size dividing a block at every level in use), so
+    that gathering is a copy of whole rows (`index_select`) straight into one (B, H, m, W, D) tensor.
+
+    Returns:
+        None when nothing is listed, else (keys (B, H, S, D), values (B, H, S, Dv), rows (B, H, Mq, W / unit),
+        mask (B, H, Mq, W): log of each slot's tokens, -inf for empty slots, bias (Hb, bq, W) or None, unit).
+    """
+    lk = k.shape[2]
+    mk = _cdiv(lk, block_k)
+    index, level = _expand_tables(q, kv_index, kv_level)
+    selected = [(p, sel) for p in range(num_levels) if (sel := _select_level(index, level, p)) is not None]
+    if not selected:
+        return None
+    sizes = [_cdiv(block_k, 1 << p) for p, _ in selected]
+    unit = math.gcd(*sizes)
+    keys = _cat([_pool(k, block_k, p) for p, _ in selected], 2)
+    values = _cat([_pool(v, block_k, p) for p, _ in selected], 2)
+    # log(0) = -inf masks the groups past the end of the sequence.
+    log_count = _cat([_group_counts(lk, block_k, p, q.device).to(q.dtype).log().flatten() for p, _ in selected], 0)
+    rows, masks, biases, start = [], [], [], 0
+    for (p, (blocks, ok)), n in zip(selected, sizes, strict=True):
+        first = start + blocks * n  # (B, H, Mq, c) first slot of every listed block
+        rows.append((first.unsqueeze(-1) // unit + torch.arange(n // unit, device=q.device)).flatten(3))
+        slots = (first.unsqueeze(-1) + torch.arange(n, device=q.device)).flatten(3)
+        masks.append(log_count[slots].masked_fill(~ok.repeat_interleave(n, -1), float("-inf")))
+        if bias is not None:  # the same columns for every listed block
+            biases.append(_pool_bias(bias, p).repeat(1, 1, blocks.shape[-1]))
+        start += mk * n
+    return keys, values, _cat(rows, -1), _cat(masks, -1), _cat(biases, -1) if biases else None, unit
 
 
-def _attend_slots(q_blocks: torch.Tensor, pyramid: tuple, slots: torch.Tensor, valid: torch.Tensor, scale: float):
-    """Attention of query blocks (B, H, m, bq, D) to the pyramid slots (B, H, m, W) they list."""
-    k_all, v_all, log_count, rel_bias = pyramid
-    mask = log_count[slots].masked_fill(~valid, float("-inf")).unsqueeze(-2)  # (B, H, m, 1, W)
-    if rel_bias is not None:
-        mask = mask + rel_bias[None, :, None]  # (B, H, m, bq, W)
+def _gathered(listed: tuple, part: slice):
+    """Keys (B, H, m, W, D), values (B, H, m, W, Dv) and additive mask (B, H, m, 1 or bq, W) of query blocks
+    `part`."""
+    keys, values, rows, mask, bias, unit = listed
+    b, h, length, d = keys.shape
+    rows = rows[:, :, part]
+    flat = (torch.arange(b * h, device=rows.device).view(b, h, 1, 1) * (length // unit) + rows).flatten()
+    m, width = rows.shape[2], rows.shape[3] * unit
+    k_sel = keys.reshape(-1, unit * d).index_select(0, flat).view(b, h, m, width, d)
+    v_sel = values.reshape(-1, unit * values.shape[-1]).index_select(0, flat).view(b, h, m, width, -1)
+    mask = mask[:, :, part].unsqueeze(-2)
+    if bias is not None:
+        mask = mask + bias[None, :, None]
+    return k_sel, v_sel, mask
+
+
+def _attend(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float) -> torch.Tensor:
+    """Attention of query blocks (B, H, m, bq, D) to the slots they list: fused SDPA, (B, H, m, bq, Dv)."""
+    keys, values, mask = _gathered(listed, part)
     b, h, m, bq, _ = q_blocks.shape
     mask = mask.flatten(1, 2)
     # A query row with every logit at -inf gives zeros where SDPA would give NaN.
@@ -120,13 +161,21 @@ def _attend_slots(q_blocks: torch.Tensor, pyramid: tuple, slots: torch.Tensor, v
     mask = torch.where(live, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
     # 4-D views keep SDPA on its fused CPU kernel: the probabilities are never held whole.
     out = F.scaled_dot_product_attention(
-        q_blocks.reshape(b, h * m, bq, -1),
-        _gather_slots(k_all, slots).flatten(1, 2),
-        _gather_slots(v_all, slots).flatten(1, 2),
-        attn_mask=mask,
-        scale=scale,
+        q_blocks.reshape(b, h * m, bq, -1), keys.flatten(1, 2), values.flatten(1, 2), attn_mask=mask, scale=scale
     )
     return (out * live).view(b, h, m, bq, -1)
+
+
+def _attend_lse(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float):
+    """As `_attend`, with the log-sum-exp of every row's logits: (out (B, H, m, bq, Dv), lse (B, H, m, bq)).
+
+    Written out (two matmuls and a softmax) because the fused CPU SDPA does not return the log-sum-exp.
+    """
+    keys, values, mask = _gathered(listed, part)
+    logits = torch.matmul(q_blocks * scale, keys.transpose(-1, -2)) + mask
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    return torch.matmul(weights, values), lse
 
 
 def _query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int) -> int:
@@ -163,39 +212,19 @@ def block_sparse_attention_gather(
         (B, H, Lq, Dv).
     """
     b, h, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[-1]
-    mq, mk = _cdiv(lq, block_q), _cdiv(lk, block_k)
-    index, level = _expand_tables(q, kv_index, kv_level)
-    keys, values, log_counts, rel_biases, slots, valid, start = [], [], [], [], [], [], 0
-    for p in range(num_levels):
-        selected = _select_level(index, level, p)
-        if selected is None:
-            continue
-        blocks, ok = selected  # (B, H, Mq, c)
-        per_block = _cdiv(block_k, 1 << p)
-        keys.append(_pool(k, block_k, p))
-        values.append(_pool(v, block_k, p))
-        # log(0) = -inf masks the groups past the end of the sequence.
-        log_counts.append(_group_counts(lk, block_k, p, q.device).to(q.dtype).log().flatten())
-        offset = torch.arange(per_block, device=q.device)
-        slots.append((start + blocks.unsqueeze(-1) * per_block + offset).flatten(3))
-        valid.append(ok.unsqueeze(-1).expand(*ok.shape, per_block).flatten(3))
-        if bias is not None:  # the same columns for every listed block
-            rel_biases.append(_pool_bias(bias, p).repeat(1, 1, blocks.shape[-1]))
-        start += mk * per_block
-    if not slots:
+    dv = v.shape[-1]
+    mq = _cdiv(lq, block_q)
+    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels)
+    if listed is None:
         return q.new_zeros(b, h, lq, dv)
-    slots, valid = _cat(slots, -1), _cat(valid, -1)  # (B, H, Mq, W)
-    pyramid = (_cat(keys, 2), _cat(values, 2), _cat(log_counts, 0), _cat(rel_biases, -1) if rel_biases else None)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = query_block_chunk or _query_block_chunk(k, mq, slots.shape[-1])
-    if chunk >= mq or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))):
-        out = _attend_slots(q_blocks, pyramid, slots, valid, scale)
+    chunk = query_block_chunk or _query_block_chunk(k, mq, listed[3].shape[-1])
+    if chunk >= mq or needs_grad_any(q, k, v, bias):
+        out = _attend(q_blocks, listed, slice(None), scale)
     else:
         out = q.new_empty(b, h, mq, block_q, dv)  # inference: write slabs in place, no concatenation copy
         for s in range(0, mq, chunk):
-            part = slice(s, s + chunk)
-            out[:, :, part] = _attend_slots(q_blocks[:, :, part], pyramid, slots[:, :, part], valid[:, :, part], scale)
+            out[:, :, s : s + chunk] = _attend(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale)
     return out.reshape(b, h, mq * block_q, dv)[:, :, :lq]
 
 
@@ -276,13 +305,49 @@ def block_sparse_attention_flex(
 
     Arguments as in `block_sparse_attention_reference`. Differentiable where FlexAttention is (CUDA).
 
+    Eagerly, with pooled entries present, the pooled slots (a few per listed block) are gathered and attended
+    with two matmuls, and FlexAttention takes the level-0 entries (whole mask blocks, no mask function):
+    pooled slots of several key blocks share one mask block, so FlexAttention alone would compute every slot
+    of every visited block. The two halves of each row's softmax are merged inside FlexAttention, whose CPU
+    kernel returns no log-sum-exp: one extra key slot per row carries the pooled half's log-sum-exp as its
+    logit and an indicator as its value, so the output tells the pooled half's share of the softmax.
+
     Returns:
         (B, H, Lq, Dv).
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     if not torch.is_grad_enabled():  # FlexAttention refuses CPU inputs that require grad, even under no_grad
         q, k, v, bias = (None if t is None else t.detach() for t in (q, k, v, bias))
+    if kv_level is None or num_levels == 1 or torch.compiler.is_compiling() or q.device.type == "meta":
+        return _flex(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+    pooled = kv_level > 0
+    listed = _listed_slots(q, k, v, torch.where(pooled, kv_index, -1), kv_level, bias, block_k, num_levels)
+    if listed is None:
+        return _flex(q, k, v, kv_index, None, bias, block_q, block_k, scale, 1)
+    b, h, lq, d = q.shape
+    mq = _cdiv(lq, block_q)
+    q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
+    chunk = mq if needs_grad_any(q, k, v, bias) else _query_block_chunk(k, mq, listed[3].shape[-1])
+    parts = [
+        _attend_lse(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale) for s in range(0, mq, chunk)
+    ]
+    out_p = _cat([o for o, _ in parts], 2).flatten(2, 3)[:, :, :lq]
+    lse_p = _cat([x for _, x in parts], 2).flatten(2, 3)[:, :, :lq]
+    level0 = torch.where(pooled, -1, kv_index)
+    return _flex(q, k, v, level0, None, bias, block_q, block_k, scale, 1, merge=(out_p, lse_p))
+
+
+def needs_grad_any(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: float, num_levels: int, merge=None):
+    """FlexAttention over the whole pyramid of the levels in use: (B, H, Lq, Dv).
+
+    `merge`: (out (B, H, Lq, Dv), lse (B, H, Lq)) of attention to further keys of every row, merged into the
+    softmax: a sentinel key slot whose logit is that lse and whose value is an indicator column.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
     b, h, lq, _ = q.shape
     lk = k.shape[2]
     mq, mk = _cdiv(lq, block_q), _cdiv(lk, block_k)
@@ -304,6 +369,15 @@ def block_sparse_attention_flex(
                        for p in range(top)], 2)  # fmt: skip
     v_pyr = torch.cat([_pad_tokens(_pool(v, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
                        for p in range(top)], 2)  # fmt: skip
+    sentinel = k_pyr.shape[2]
+    if merge is not None:  # one more key block holding the sentinel slot, one more value column
+        k_pyr = _pad_tokens(k_pyr, sentinel + block_k)
+        v_pyr = F.pad(v_pyr, (0, 1, 0, block_k))
+        v_pyr[:, :, sentinel, -1] = 1.0
+        slot_unit = F.pad(slot_unit, (0, block_k), value=num_units)
+        real = F.pad(real, (0, block_k), value=True)
+        column = F.pad(column, (0, block_k))
+        log_count = F.pad(log_count, (0, block_k))
     num_kv_blocks = k_pyr.shape[2] // block_k
 
     # Mask blocks: one per key block of pyramid slots. A block is visited if a unit inside it is listed, and
@@ -317,6 +391,8 @@ def block_sparse_attention_flex(
     whole = real.view(num_kv_blocks, block_k).all(-1)  # every slot of the block holds real tokens
     full = (once == inside.sum(0)) & whole & visited
     partial = visited & ~full
+    if merge is not None:
+        partial[..., -1] = True
     kv_num, kv_idx = _blocks_to_table(partial)
     full_num, full_idx = _blocks_to_table(full)
     q_len = mq * block_q
@@ -325,8 +401,18 @@ def block_sparse_attention_flex(
     )
     times_f = times  # captured by the mask and score functions
 
-    def mask_mod(bi, hi, qi, kvi):
-        return (times_f[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+    if merge is None:
+
+        def mask_mod(bi, hi, qi, kvi):
+            return (times_f[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+
+    else:
+        merge_lse = _pad_tokens(merge[1].unsqueeze(-1), q_len).squeeze(-1).float()
+        merge_live = torch.isfinite(merge_lse)
+
+        def mask_mod(bi, hi, qi, kvi):
+            listed = (times_f[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            return listed | ((kvi == sentinel) & merge_live[bi, hi, qi])
 
     block_mask.mask_mod = mask_mod
     extra = []
@@ -340,6 +426,13 @@ def block_sparse_attention_flex(
         bias_cat = torch.cat([_pool_bias(bias, p) for p in range(top)], -1).float()
         per_head = bias_cat.shape[0] > 1
         extra.append(lambda bi, hi, qi, kvi: bias_cat[hi if per_head else 0, qi % block_q, column[kvi]])
+    if merge is not None:
+        terms = list(extra)
+        extra = [lambda bi, hi, qi, kvi: torch.where(kvi == sentinel, merge_lse[bi, hi, qi], 0.0)]
+        if terms:
+            extra.append(
+                lambda bi, hi, qi, kvi: torch.where(kvi == sentinel, 0.0, sum(t(bi, hi, qi, kvi) for t in terms))
+            )
     score_mod = None
     if extra:
 
@@ -349,4 +442,8 @@ def block_sparse_attention_flex(
             return score
 
     out = _flex_call(_pad_tokens(q, q_len), k_pyr, v_pyr, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    return out[:, :, :lq]
+    out = out[:, :, :lq]
+    if merge is None:
+        return out
+    share = out[..., -1:]  # the pooled half's share of each row's softmax
+    return (out[..., :-1] + share * merge[0]).to(q.dtype)
