@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if not __package__:  # run as a file: put the repository root first, so `kernels` is not benchmarks/kernels.py
+if not __package__:  # run as a file: the repository root first, so that `benchmarks` and `kernels` import
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 ROOT = Path(__file__).resolve().parent.parent

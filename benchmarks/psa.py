@@ -54,8 +54,13 @@ def _setup(mode: str):
     import torch
     import torch.nn.functional as F
 
-    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, video_token_order
-    from kernels.pyramid_sparse import pyramid_sparse_attention
+    from blocks.pyramid_sparse import (
+        PSAConfig,
+        PyramidSparseAttention,
+        plan_levels,
+        pyramid_sparse_attention,
+        video_token_order,
+    )
 
     q, k, v = _qkv(GRID, HEADS, HEAD_DIM)
     psa = PyramidSparseAttention(PSAConfig())
@@ -103,7 +108,7 @@ MODES = {
     "dense": "dense `scaled_dot_product_attention`",
     "psa": "PSA end to end (reorder, plan, op, restore)",
     "plan": "PSA planning only (importance + levels)",
-    "op": "PSA op only (`pyramid_sparse_attention` reference)",
+    "op": "PSA op only (`pyramid_sparse_attention`, backend auto)",
 }
 ASSIGNMENTS = {"quota": (0.10, 0.15, 0.15, 0.35), "threshold": (0.6, 0.7, 0.7, 0.8)}
 

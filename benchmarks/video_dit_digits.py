@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-# First on the path: benchmarks/kernels.py would otherwise shadow the `kernels` package.
+# The repository root on the path: the script imports `benchmarks` and `zoo` when run as a file.
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._harness import write_section  # noqa: E402

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kernels import block_sparse_attention
 
-from ._layout import pad_to_multiple, window_partition, window_reverse
+from ._layout import pad_to_multiple
 
 __all__ = ["BiLevelRoutingAttention", "GlobalAttentionLePE", "route_regions"]
 
@@ -104,30 +104,39 @@ class BiLevelRoutingAttention(nn.Module):
         _, height, width, _ = x.shape
         x, (pad_b, pad_r) = pad_to_multiple(x, (self.n_win, self.n_win))
         b, hp, wp, _ = x.shape
-        window = (hp // self.n_win, wp // self.n_win)
-        tokens = window[0] * window[1]
-        regions = self.n_win * self.n_win
+        n, heads = self.n_win, self.num_heads
+        wh, ww = hp // n, wp // n
+        tokens = wh * ww
 
-        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-        q_win, k_win, v_win = (window_partition(t, window).reshape(b, regions, tokens, -1) for t in (q, k, v))
-        region_index = route_regions(q_win.mean(2), k_win.mean(2), self.topk, self.scale)
+        qkv = self.qkv(x)
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, R, L, h * d) -> (B, h, R * L, d)
-            return t.unflatten(-1, (self.num_heads, -1)).permute(0, 3, 1, 2, 4).flatten(2, 3)
+        def by_region(t: torch.Tensor) -> torch.Tensor:
+            # (B, Hp, Wp, h * d) -> (B, h, R * L, d), regions in row-major order and tokens within them: the
+            # window partition and the head split in one copy.
+            t = t.reshape(b, n, wh, n, ww, heads, -1).permute(0, 5, 1, 3, 2, 4, 6)
+            return t.reshape(b, heads, n * n * tokens, -1)
+
+        q, k, v_regions = by_region(q), by_region(k), by_region(v)
+
+        def region_mean(t: torch.Tensor) -> torch.Tensor:  # (B, h, R * L, d) -> (B, R, h * d)
+            return t.unflatten(2, (n * n, tokens)).mean(3).permute(0, 2, 1, 3).flatten(2)
+
+        region_index = route_regions(region_mean(q), region_mean(k), self.topk, self.scale)
 
         # Routed attention is block-sparse attention with one block per region and the routing index as the
         # index table, shared by the heads.
         out = block_sparse_attention(
-            heads(q_win),
-            heads(k_win),
-            heads(v_win),
+            q,
+            k,
+            v_regions,
             region_index.unsqueeze(1),
             block_q=tokens,
             block_k=tokens,
             scale=self.scale,
         )
-        out = out.unflatten(2, (regions, tokens)).permute(0, 2, 3, 1, 4).reshape(b, regions, window[0], window[1], -1)
-        out = window_reverse(out, (self.n_win, self.n_win))
+        # (B, h, R * L, d) -> (B, Hp, Wp, h * d): window reverse and head merge in one copy.
+        out = out.view(b, heads, n, n, wh, ww, -1).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hp, wp, -1)
         if self.lepe is not None:
             out = out + _channels_last(self.lepe(_channels_first(v)))
         out = self.proj(out)

@@ -34,31 +34,35 @@ __all__ = [
 
 BACKENDS = ("reference", "torch", "flex", "gather", "triton")
 # FlexAttention's compiled CPU kernel walks key blocks one at a time: below this many tokens per block (BiFormer's
-# 4- and 16-token regions) the gathered slots with one fused SDPA are faster (benchmarks/kernels_cpu.py).
+# 4- and 16-token regions) the gathered slots with one fused SDPA are faster (benchmarks/sparse_attention_cpu.py).
 _FLEX_MIN_BLOCK = 32
 
 
-def _torch_form(device: str, grad: bool, block_q: int, block_k: int) -> str:
-    """The faster PyTorch form, as measured: FlexAttention where it has the pass and blocks are large enough."""
+def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: bool) -> str:
+    """The faster PyTorch form, as measured (benchmarks/sparse_attention_cpu.py): FlexAttention where it has
+    the pass, the blocks are large enough and no entry is pooled (pooled slots of several key blocks share one
+    of its mask blocks, so the gathered slots with one fused SDPA are faster on the CPU); else gather."""
     if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
         return "gather"
-    if device == "cuda" or (device == "cpu" and not grad):  # torch 2.14: no FlexAttention backward on the CPU
+    if device == "cuda":
+        return "flex"
+    if device == "cpu" and not grad and not pooled:  # torch 2.14: no FlexAttention backward on the CPU
         return "flex"
     return "gather"
 
 
-def _backend_for(q, k, v, bias, block_q: int, block_k: int) -> str:
+def _backend_for(q, k, v, bias, block_q: int, block_k: int, pooled: bool) -> str:
     def auto(device: str, grad: bool) -> str:
         from .._backend import triton_available
 
         if device == "cuda" and triton_available():
             return "triton"  # the peer of FlexAttention on CUDA: benchmarks/gpu.sh measures both
-        return _torch_form(device, grad, block_q, block_k)
+        return _torch_form(device, grad, block_q, block_k, pooled)
 
     backend = select_backend("block_sparse_attention", q, k, v, backends=BACKENDS, auto=auto)
     if backend == "torch":
         device = "cuda" if q.is_cuda else q.device.type
-        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k)
+        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled)
         if not torch.compiler.is_compiling():
             logging.getLogger("kernels").debug("block_sparse_attention: torch path is %s", backend)
     if backend == "flex" and q.device.type == "cpu" and needs_grad(q, k, v, bias):
@@ -178,7 +182,7 @@ def block_sparse_attention(
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         # Kept in the graph (zero gradients) so that a backward through it works as through any other call.
         return out + 0 * (q.sum() + k.sum() + v.sum()) if needs_grad(q, k, v) else out
-    backend = _backend_for(q, k, v, bias, block_q, block_k)
+    backend = _backend_for(q, k, v, bias, block_q, block_k, pooled=num_levels > 1)
     if backend == "triton":
         from .triton_impl import block_sparse_attention_triton
 

@@ -104,22 +104,20 @@ def test_empty_tables_give_zeros():
         assert torch.equal(out, torch.zeros(2, 2, 23, 4, dtype=F64))
 
 
+@pytest.mark.parametrize("lq, lk", [(3, 4), (20, 24)], ids=["small-regions", "large-regions"])
 @pytest.mark.parametrize("backend", ["reference", "gather", "flex", "triton"])
-def test_routed_attention_is_a_case(backend, monkeypatch):
+def test_routed_attention_is_a_case(backend, lq, lk, monkeypatch):
     # BiFormer's routed attention as its official code computes it: gather the routed regions' keys and
-    # values for every query region, attend with one softmax.
+    # values for every query region, attend with one softmax. Every slot valid: the gather path runs without
+    # a mask (explicit matmuls for small query blocks, fused SDPA for large ones).
     monkeypatch.setenv("ZOO_KERNELS", backend)
-    q, k, v = _qkv(b=2, h=2, lq=6 * 3, lk=5 * 4, dtype=torch.float32)
+    q, k, v = _qkv(b=2, h=2, lq=6 * lq, lk=5 * lk, dtype=torch.float32)
     region_index = torch.randint(0, 5, (2, 6, 3))
     with torch.no_grad():
-        out = block_sparse_attention(q, k, v, region_index.unsqueeze(1), block_q=3, block_k=4, scale=0.4)
-    ks, vs = (
-        t.unflatten(2, (5, 4))[
-            torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None], region_index[:, None]
-        ].flatten(3, 4)
-        for t in (k, v)
-    )  # (B, H, R, 3 * 4, D)
-    attn = (q.unflatten(2, (6, 3)) @ ks.transpose(-1, -2) * 0.4).softmax(-1)
+        out = block_sparse_attention(q, k, v, region_index.unsqueeze(1), block_q=lq, block_k=lk, scale=0.4)
+    batch, head = torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None]
+    ks, vs = (t.unflatten(2, (5, lk))[batch, head, region_index[:, None]].flatten(3, 4) for t in (k, v))
+    attn = (q.unflatten(2, (6, lq)) @ ks.transpose(-1, -2) * 0.4).softmax(-1)
     torch.testing.assert_close(out, (attn @ vs).flatten(2, 3), atol=1e-5, rtol=1e-5)
 
 

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.layers import ClassifierHead, DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
+from blocks._mlp import ResidualMlp
 from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
@@ -55,14 +56,16 @@ class BiFormerBlock(nn.Module):
             # The official "topk=-2" stage: full attention with its default 8 heads.
             self.attn = GlobalAttentionLePE(dim, num_heads=8, side_dwconv=side_dwconv, **dd)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.mlp = ResidualMlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if self.training and isinstance(self.drop_path, DropPath):  # drop-path sits between the MLP and the add
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # The residual add inside fc2's GEMM (kernels.fused_pointwise, CPU inference).
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class BiFormerStage(nn.Module):

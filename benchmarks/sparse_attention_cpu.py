@@ -1,0 +1,152 @@
+"""Sparse attention on the CPU against dense `scaled_dot_product_attention`, both sides alternated in one process.
+
+    flock /tmp/bench.lock python benchmarks/sparse_attention_cpu.py [--threads 2] [--rounds 7] [--no-write]
+
+fp32, batch 1. Rows:
+
+- the block-sparse op (`kernels.block_sparse_attention`, backend `auto` and each PyTorch backend) at 10% of the
+  key blocks (distinct random blocks per query block and head), 8,192 tokens, 4 heads of 64, blocks of 64;
+- Pyramid Sparse Attention with the default `PSAConfig` (blocks 128/64, 10% full, 5% at 2x, 20% at 8x) on
+  video grids of 8 x 24 x 32 = 6,144 and 16 x 24 x 32 = 12,288 tokens, 4 heads of 64: the module end to end
+  (token reorder, planning, op, restore) and the op alone on the planned levels.
+
+Inference runs under `torch.no_grad()`; forward+backward sums the output and calls backward. Speed is dense
+time / sparse time (above 1: sparse is faster); each cell is the median of `--rounds` alternated pairs.
+Writes the "sparse_attention_cpu" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks._harness import write_section  # noqa: E402
+
+HEADS, HEAD_DIM = 4, 64
+
+
+def _alternate(sparse, dense, rounds: int) -> tuple[float, float]:
+    """Median seconds of each side over `rounds` alternated calls, after one warm-up call each."""
+    sparse(), dense()
+    a, b = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sparse()
+        t1 = time.perf_counter()
+        dense()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a), statistics.median(b)
+
+
+def _passes(fn, inputs, train: bool):
+    if not train:
+
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+
+        return run
+
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def run():
+        fn(*leaves).sum().backward()
+
+    return run
+
+
+def _random_index(mq: int, mk: int, density: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    keep = max(1, round(density * mk))
+    return torch.rand(1, HEADS, mq, mk, generator=gen).argsort(-1)[..., :keep].sort(-1).values
+
+
+def block_sparse_rows(rounds: int) -> list[tuple]:
+    from kernels import block_sparse_attention
+
+    length, block = 8192, 64
+    q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM) for _ in range(3))
+    index = _random_index(length // block, length // block, 0.10)
+    rows = []
+    for train in (False, True):
+        for backend in ("auto", "flex", "gather"):
+            if train and backend == "flex":
+                continue  # torch 2.14: no FlexAttention backward on the CPU
+            os.environ["ZOO_KERNELS"] = backend
+            sparse = _passes(lambda q, k, v: block_sparse_attention(q, k, v, index, block_q=block, block_k=block),
+                             (q, k, v), train)  # fmt: skip
+            dense = _passes(F.scaled_dot_product_attention, (q, k, v), train)
+            ts, td = _alternate(sparse, dense, rounds)
+            name = f"block-sparse op, 10% of blocks, {length} tokens, `{backend}`"
+            rows.append((name, "fwd+bwd" if train else "inference", ts, td))
+    os.environ.pop("ZOO_KERNELS", None)
+    return rows
+
+
+def psa_rows(rounds: int) -> list[tuple]:
+    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
+
+    rows = []
+    for grid in ((8, 24, 32), (16, 24, 32)):
+        length = grid[0] * grid[1] * grid[2]
+        q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM) for _ in range(3))
+        psa = PyramidSparseAttention(PSAConfig())
+        with torch.no_grad():
+            levels = plan_levels(q, k, psa.config)
+        density = float((levels > 0).float().div(levels.clamp_min(1).float()).mean())
+        cases = [
+            ("PSA module (reorder, plan, op)", lambda q, k, v, g=grid, m=psa: m(q, k, v, grid=g)),
+            ("PSA op on planned levels", lambda q, k, v, lv=levels: pyramid_sparse_attention(q, k, v, lv, 128, 64)),
+        ]
+        for train in (False, True):
+            for name, fn in cases:
+                sparse = _passes(fn, (q, k, v), train)
+                dense = _passes(F.scaled_dot_product_attention, (q, k, v), train)
+                ts, td = _alternate(sparse, dense, rounds)
+                label = f"{name}, {length} tokens ({grid[0]}x{grid[1]}x{grid[2]}), density {density:.3f}"
+                rows.append((label, "fwd+bwd" if train else "inference", ts, td))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", choices=["op", "psa"], default=None)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    if args.only in (None, "op"):
+        rows += block_sparse_rows(args.rounds)
+    if args.only in (None, "psa"):
+        rows += psa_rows(args.rounds)
+    lines = [
+        f"fp32, batch 1, {HEADS} heads of {HEAD_DIM}, {args.threads} threads; each side alternated in one process "
+        f"({args.rounds} rounds, medians). Speed = dense SDPA time / sparse time.",
+        "",
+        "| case | pass | sparse ms | dense SDPA ms | speed |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, mode, ts, td in rows:
+        lines.append(f"| {name} | {mode} | {ts * 1e3:.1f} | {td * 1e3:.1f} | {td / ts:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("sparse_attention_cpu", text, title="Sparse attention on the CPU vs dense SDPA")
+
+
+if __name__ == "__main__":
+    main()
