@@ -178,7 +178,8 @@ def block_importance(
     out = []
     for s in range(0, mq, chunk):
         part = qs[:, :, s : s + chunk]
-        logits = torch.matmul(part.flatten(2, 3), ks.transpose(-1, -2)).float() * scale
+        # Scaled in place: the logits are the largest tensor of the plan, and a second copy costs a pass.
+        logits = torch.matmul(part.flatten(2, 3), ks.transpose(-1, -2)).float().mul_(scale)
         peak = logits.view(b, h, -1, mk, nk).amax(dim=-1)  # (B, H, c * nq, Mk)
         weight = torch.exp(peak - peak.amax(dim=-1, keepdim=True))
         out.append(weight.view(b, h, -1, nq, mk).amax(dim=3))
