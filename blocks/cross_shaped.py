@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.fused_pointwise import is_plain
+
 __all__ = ["CrossShapedWindowAttention", "row_stripe_attention"]
 
 
@@ -127,13 +129,18 @@ class CrossShapedWindowAttention(nn.Module):
             out = row_stripe_attention(qkv, h, self.num_heads, lepe.weight, lepe.bias, self.scale, dropout_p)
             return self.proj(out)
         half, heads, sw = c // 2, self.num_heads // 2, self.split_size
-        # Each branch projects only its own q/k/v channels (its rows of the fused weight), so neither has
-        # to copy its half out of a fused output. The vertical branch projects the transposed map: its
-        # stripes become full-width rows there, and its LePE kernel is transposed to match.
-        w_v, w_h = self.qkv.weight.unflatten(0, (3, c)).split(half, dim=1)
-        b_v, b_h = (None, None) if self.qkv.bias is None else self.qkv.bias.unflatten(0, (3, c)).split(half, dim=1)
-        qkv_v = F.linear(x.transpose(1, 2), w_v.flatten(0, 1), None if b_v is None else b_v.flatten())
-        qkv_h = F.linear(x, w_h.flatten(0, 1), None if b_h is None else b_h.flatten())
+        if is_plain(self.qkv, nn.Linear):
+            # Each branch projects only its own q/k/v channels (its rows of the fused weight), so neither has
+            # to copy its half out of a fused output. The vertical branch projects the transposed map: its
+            # stripes become full-width rows there, and its LePE kernel is transposed to match.
+            w_v, w_h = self.qkv.weight.unflatten(0, (3, c)).split(half, dim=1)
+            b_v, b_h = (None, None) if self.qkv.bias is None else self.qkv.bias.unflatten(0, (3, c)).split(half, dim=1)
+            qkv_v = F.linear(x.transpose(1, 2), w_v.flatten(0, 1), None if b_v is None else b_v.flatten())
+            qkv_h = F.linear(x, w_h.flatten(0, 1), None if b_h is None else b_h.flatten())
+        else:
+            # A hooked or wrapped projection (LoRA, quantisation) is called as it is, then split.
+            qkv = self.qkv(x).unflatten(-1, (3, c))
+            qkv_v, qkv_h = qkv[..., :half].transpose(1, 2), qkv[..., half:]
         lepe_v, lepe_h = self.lepe
         vertical = row_stripe_attention(
             qkv_v.reshape(b, w, h, 3, half),

@@ -118,3 +118,40 @@ def test_bad_configuration_raises(dim, heads, full):
         return
     with pytest.raises(ValueError, match="divisible"):
         CrossShapedWindowAttention(dim, heads, full_attention=full)
+
+
+class _LowRank(torch.nn.Module):
+    """A LoRA-style wrapper: the wrapped Linear plus a low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_hooked_or_wrapped_projection_is_called():
+    # The split projection reads the fused weight directly; a hook or a wrapper must still see the call.
+    from blocks.cross_shaped import CrossShapedWindowAttention
+
+    attn = CrossShapedWindowAttention(32, num_heads=4, split_size=2).eval()
+    x = torch.randn(2, 8, 8, 32)
+    with torch.no_grad():
+        plain = attn(x)
+        calls = []
+        handle = attn.qkv.register_forward_hook(lambda *_: calls.append(1))
+        torch.testing.assert_close(attn(x), plain)
+        handle.remove()
+        assert calls == [1]
+        lora = _LowRank(attn.qkv)
+        merged = torch.nn.Linear(32, 96)
+        merged.weight.copy_(attn.qkv.weight + lora.up.weight @ lora.down.weight)
+        merged.bias.copy_(attn.qkv.bias)
+        attn.qkv = lora
+        wrapped = attn(x)
+        attn.qkv = merged
+        torch.testing.assert_close(wrapped, attn(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(wrapped, plain, atol=1e-4)
