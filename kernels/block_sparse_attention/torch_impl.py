@@ -1,18 +1,21 @@
-"""The fast PyTorch backends of block-sparse attention: FlexAttention block masks, and slabs of fused SDPA.
+"""The fast PyTorch backends of block-sparse attention: FlexAttention block masks, and gathered fused SDPA.
 
 Both lay the levels in use end to end (the key pyramid: K, then K pooled in groups of 2, 4, ... per key
 block) and attend from every query block to the pyramid slots its row lists.
 
+- `block_sparse_attention_gather` copies the slots every query block lists out of the pyramid as whole rows
+  (`index_select` of runs of slots) and runs the fused `scaled_dot_product_attention` on them, with an
+  additive mask only where one is needed (pooled groups' log sizes, empty slots, the bias); query blocks of
+  16 tokens or fewer take two batched matmuls and a softmax instead. In inference it works in slabs of query
+  blocks so that the gathered copies stay no larger than K. It runs everywhere and has a backward
+  everywhere: the CPU training path.
 - `block_sparse_attention_flex` hands the pyramid to `torch.nn.attention.flex_attention` with a block
   mask built from the tables: FlexAttention's block size is the key block, so a level-0 entry is one whole
   mask block and pooled entries share blocks (2**p key blocks each) under a mask function. The log of the
-  group size, repeats and the relative-position bias are score modifiers. Outside a compiled region it is
-  compiled once per shape (`torch.compile(flex_attention, dynamic=False)`); inside one it is traced.
-  torch 2.14 has FlexAttention forward and backward on CUDA, forward only on the CPU.
-- `block_sparse_attention_gather` gathers the slots every query block lists (one indexing per tensor) and
-  runs the fused `scaled_dot_product_attention` on them with an additive mask; in inference it works in
-  slabs of query blocks so that the gathered copies stay no larger than K. It runs everywhere and has a
-  backward everywhere: the CPU training path.
+  group size, repeats and the relative-position bias are score modifiers. Eagerly, pooled entries are
+  gathered instead and merged in (see the function). Outside a compiled region it is compiled once per
+  shape (`torch.compile(flex_attention, dynamic=False)`); inside one it is traced. torch 2.14 has
+  FlexAttention forward and backward on CUDA, forward only on the CPU.
 """
 
 from __future__ import annotations
