@@ -333,13 +333,15 @@ def pyramid_sparse_attention(
                 f"levels must take values in {(0, *POOL_FACTORS)}, got {sorted(set(levels[bad].tolist()))[:8]}"
             )
     op_level = torch.tensor(_OP_LEVEL, device=levels.device)[levels.long()]
-    # Eagerly, the table is as wide as the longest row of kept blocks; compiled (or on meta), every key block.
-    width = None
+    # Eagerly, the table is as wide as the longest row of kept blocks and only the levels in use are passed on
+    # (without pooled entries the op can take its unpooled paths); compiled (or on meta), every key block.
+    width, num_levels = None, len(POOL_FACTORS)
     if not torch.compiler.is_compiling() and op_level.device.type != "meta" and op_level.numel():
         width = max(1, int((op_level >= 0).sum(-1).max()))
+        num_levels = max(1, int(op_level.max()) + 1)
     kv_index, kv_level = tables_from_level_map(op_level, width)
     return block_sparse_attention(
-        q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=len(POOL_FACTORS)
+        q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=num_levels
     )
 
 

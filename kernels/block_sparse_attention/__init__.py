@@ -11,7 +11,7 @@ and level tables and call `block_sparse_attention`, which checks its inputs once
 - `triton` (`triton_impl.py`): FlashAttention-style kernels that stream the listed blocks.
 
 `ZOO_KERNELS` forces one (`torch`: the faster of flex and gather for the call); `auto` takes the measured
-choice in `_auto_backend`. Which path ran is logged at debug level on the "kernels" logger.
+choice (`_backend_for`). Which path ran is logged at debug level on the "kernels" logger.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from .._backend import needs_grad, select_backend
 from .reference import block_sparse_attention_reference
@@ -32,7 +33,7 @@ __all__ = [
     "tables_from_level_map",
 ]
 
-BACKENDS = ("reference", "torch", "flex", "gather", "triton")
+OP_BACKENDS = ("reference", "torch", "flex", "gather", "triton")
 # FlexAttention's compiled CPU kernel walks key blocks one at a time: below this many tokens per block (BiFormer's
 # 4- and 16-token regions) the gathered slots with one fused SDPA are faster (benchmarks/sparse_attention_cpu.py).
 _FLEX_MIN_BLOCK = 32
@@ -45,7 +46,8 @@ def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: boo
     if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
         return "gather"
     if device == "cuda":
-        return "flex"
+        # Inductor's CUDA FlexAttention tiles blocks by powers of two (it rejects 48- or 49-token blocks).
+        return "flex" if all(n & (n - 1) == 0 for n in (block_q, block_k)) else "gather"
     if device == "cpu" and not grad and not pooled:  # torch 2.14: no FlexAttention backward on the CPU
         return "flex"
     return "gather"
@@ -59,12 +61,17 @@ def _backend_for(q, k, v, bias, block_q: int, block_k: int, pooled: bool) -> str
             return "triton"  # the peer of FlexAttention on CUDA: benchmarks/gpu.sh measures both
         return _torch_form(device, grad, block_q, block_k, pooled)
 
-    backend = select_backend("block_sparse_attention", q, k, v, backends=BACKENDS, auto=auto)
+    inputs = [t for t in (q, k, v, bias) if t is not None]  # a bias that requires grad makes it training too
+    backend = select_backend("block_sparse_attention", *inputs, backends=OP_BACKENDS, auto=auto)
     if backend == "torch":
         device = "cuda" if q.is_cuda else q.device.type
         backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled)
         if not torch.compiler.is_compiling():
             logging.getLogger("kernels").debug("block_sparse_attention: torch path is %s", backend)
+    if backend in ("flex", "triton") and q.device.type == "meta":
+        # Shapes only (model construction, FLOP counting): neither FlexAttention nor Triton takes meta tensors,
+        # and the gather path computes the same shapes (and counts the listed blocks' arithmetic).
+        return "gather"
     if backend == "flex" and q.device.type == "cpu" and needs_grad(q, k, v, bias):
         raise RuntimeError(
             "ZOO_KERNELS=flex: torch's FlexAttention has no backward on the CPU; use gather (or auto) to train"
@@ -84,7 +91,8 @@ def _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_level
         )
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"block_sparse_attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"block_sparse_attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "(q and k share B, H and D; k and v share B, H and Lk)"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -103,6 +111,9 @@ def _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_level
             f"block_sparse_attention expects kv_index (B or 1, H or 1, ceil(Lq / block_q), K) with B = {b}, "
             f"H = {h}, ceil(Lq / block_q) = {mq}; got {tuple(kv_index.shape)}"
         )
+    for name, t in (("kv_index", kv_index), ("kv_level", kv_level), ("bias", bias)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q, k, v are on {q.device}: move it to {q.device}")
     if kv_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_index must be int32 or int64, got {kv_index.dtype}")
     if kv_level is not None:
@@ -180,8 +191,11 @@ def block_sparse_attention(
     args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
     if q.shape[2] == 0 or kv_index.shape[-1] == 0 or k.shape[2] == 0:  # nothing to attend to
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
-        # Kept in the graph (zero gradients) so that a backward through it works as through any other call.
-        return out + 0 * (q.sum() + k.sum() + v.sum()) if needs_grad(q, k, v) else out
+        # Kept in the graph (zero gradients, from empty slices: no NaN from inf inputs) so that a backward
+        # through it works as through any other call.
+        if needs_grad(q, k, v, bias):
+            out = out + sum(t.flatten()[:0].sum() for t in (q, k, v, bias) if t is not None)
+        return out
     backend = _backend_for(q, k, v, bias, block_q, block_k, pooled=num_levels > 1)
     if backend == "triton":
         from .triton_impl import block_sparse_attention_triton
@@ -214,4 +228,7 @@ def tables_from_level_map(level_map: torch.Tensor, max_entries: int | None = Non
     kept = keep.gather(-1, order)
     kv_index = torch.where(kept, order, -1).to(torch.int32)
     kv_level = torch.where(kept, level_map.gather(-1, order), 0).to(torch.int32)
+    if width > kv_index.shape[-1]:  # wider than the key blocks: empty slots
+        pad = width - kv_index.shape[-1]
+        kv_index, kv_level = F.pad(kv_index, (0, pad), value=-1), F.pad(kv_level, (0, pad))
     return kv_index, kv_level

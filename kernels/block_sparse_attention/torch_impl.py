@@ -26,6 +26,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from .._backend import needs_grad
+
 __all__ = ["block_sparse_attention_flex", "block_sparse_attention_gather", "flex_available"]
 
 # Below this many gathered key elements per slab (16 MiB in fp32) slabbing saves little and costs launches.
@@ -52,7 +54,7 @@ def _group_counts(length: int, block_k: int, level: int, device: torch.device) -
     return ((length - start).clamp(max=block_k) - offset).clamp(0, f)
 
 
-def _pool(x: torch.Tensor, block_k: int, level: int) -> torch.Tensor:
+def pool_groups(x: torch.Tensor, block_k: int, level: int) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, ceil(L / block_k) * ceil(block_k / 2**level), D): group means of real tokens."""
     b, h, length, d = x.shape
     blocks, f = _cdiv(length, block_k), 1 << level
@@ -65,7 +67,7 @@ def _pool(x: torch.Tensor, block_k: int, level: int) -> torch.Tensor:
     return (x / count.unsqueeze(-1).to(x.dtype)).flatten(2, 3)
 
 
-def _pool_bias(bias: torch.Tensor, level: int) -> torch.Tensor:
+def pool_bias_columns(bias: torch.Tensor, level: int) -> torch.Tensor:
     """(Hb, block_q, block_k) -> (Hb, block_q, ceil(block_k / 2**level)), group means of its columns."""
     if level == 0:
         return bias
@@ -123,8 +125,8 @@ def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: i
         return None
     sizes = [_cdiv(block_k, 1 << p) for p, _ in selected]
     unit = math.gcd(*sizes)
-    keys = _cat([_pool(k, block_k, p) for p, _ in selected], 2)
-    values = _cat([_pool(v, block_k, p) for p, _ in selected], 2)
+    keys = _cat([pool_groups(k, block_k, p) for p, _ in selected], 2)
+    values = _cat([pool_groups(v, block_k, p) for p, _ in selected], 2)
     # log(0) = -inf masks the groups past the end of the sequence.
     log_count = _cat([_group_counts(lk, block_k, p, q.device).to(q.dtype).log().flatten() for p, _ in selected], 0)
     rows, masks, biases, start = [], [], [], 0
@@ -134,7 +136,7 @@ def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: i
         slots = (first.unsqueeze(-1) + torch.arange(n, device=q.device)).flatten(3)
         masks.append(log_count[slots].masked_fill(~ok.repeat_interleave(n, -1), float("-inf")))
         if bias is not None:  # the same columns for every listed block
-            biases.append(_pool_bias(bias, p).repeat(1, 1, blocks.shape[-1]))
+            biases.append(pool_bias_columns(bias, p).repeat(1, 1, blocks.shape[-1]))
         start += mk * n
     mask = _cat(masks, -1)
     if len(selected) == 1 and selected[0][0] == 0 and bias is None and not torch.compiler.is_compiling():
@@ -155,13 +157,15 @@ def _gathered(listed: tuple, part: slice):
     m, width = rows.shape[2], rows.shape[3] * unit
     k_sel = keys.reshape(-1, unit * d).index_select(0, flat).view(b, h, m, width, d)
     v_sel = values.reshape(-1, unit * values.shape[-1]).index_select(0, flat).view(b, h, m, width, -1)
-    mask = None if mask is None else mask[:, :, part].unsqueeze(-2)
+    if mask is None:  # dropped only without a bias
+        return k_sel, v_sel, None
+    mask = mask[:, :, part].unsqueeze(-2)
     if bias is not None:
-        mask = bias[None, :, None] if mask is None else mask + bias[None, :, None]
+        mask = mask + bias[None, :, None]
     return k_sel, v_sel, mask
 
 
-# Query blocks up to this size attend through two batched matmuls and a softmax: the fused CPU SDPA kernel
+# CPU query blocks up to this size attend through two batched matmuls and a softmax: the fused CPU SDPA kernel
 # tiles queries for longer rows and loses to the plain form on BiFormer's 4- and 16-token regions (measured
 # 1.3-1.8x slower, 64 keys, head dim 32).
 _EXPLICIT_MAX_QUERIES = 16
@@ -171,12 +175,14 @@ def _attend(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float) ->
     """Attention of query blocks (B, H, m, bq, D) to the slots they list, (B, H, m, bq, Dv)."""
     keys, values, mask = _gathered(listed, part)
     b, h, m, bq, _ = q_blocks.shape
-    if bq <= _EXPLICIT_MAX_QUERIES:
-        logits = torch.matmul(q_blocks, keys.transpose(-1, -2)) * scale
+    if bq <= _EXPLICIT_MAX_QUERIES and q_blocks.device.type == "cpu":
+        # Logits and softmax in at least fp32, as the fused kernels accumulate.
+        wide = torch.promote_types(q_blocks.dtype, torch.float32)
+        logits = torch.matmul(q_blocks.to(wide), keys.to(wide).transpose(-1, -2)) * scale
         if mask is not None:
             logits = logits + mask
         live = logits.amax(dim=-1, keepdim=True) > float("-inf")  # a row without keys gives zeros, not NaN
-        weights = torch.softmax(torch.where(live, logits, 0.0), dim=-1)
+        weights = torch.softmax(torch.where(live, logits, 0.0), dim=-1).to(values.dtype)
         return torch.matmul(weights, values) * live
     # 4-D views keep SDPA on its fused CPU kernel: the probabilities are never held whole.
     q_4d, k_4d, v_4d = q_blocks.reshape(b, h * m, bq, -1), keys.flatten(1, 2), values.flatten(1, 2)
@@ -196,12 +202,19 @@ def _attend_lse(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float
     Written out (two matmuls and a softmax) because the fused CPU SDPA does not return the log-sum-exp.
     """
     keys, values, mask = _gathered(listed, part)
-    logits = torch.matmul(q_blocks * scale, keys.transpose(-1, -2))
+    # In fp32 whatever the inputs: the log-sum-exp becomes a logit of the merge, where bf16 rounding of it
+    # (0.06 at 20) would move the whole row.
+    logits = torch.matmul(q_blocks.float() * scale, keys.float().transpose(-1, -2))
     if mask is not None:
-        logits = logits + mask
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
-    return torch.matmul(weights, values), lse
+        logits = logits + mask.float()
+    live = logits.amax(dim=-1, keepdim=True) > float("-inf")
+    # Rows without keys get finite logits before the log-sum-exp (whose backward would be NaN there), then an
+    # lse of -inf and zero weights.
+    logits = torch.where(live, logits, 0.0)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    weights = torch.exp(logits - lse) * live
+    lse = torch.where(live, lse, float("-inf")).squeeze(-1)
+    return torch.matmul(weights, values.float()).to(values.dtype), lse
 
 
 def _query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int) -> int:
@@ -245,7 +258,7 @@ def block_sparse_attention_gather(
         return q.new_zeros(b, h, lq, dv)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
     chunk = query_block_chunk or _query_block_chunk(k, mq, listed[2].shape[-1] * listed[5])
-    if chunk >= mq or needs_grad_any(q, k, v, bias):
+    if chunk >= mq or needs_grad(q, k, v, bias):
         out = _attend(q_blocks, listed, slice(None), scale)
     else:
         out = q.new_empty(b, h, mq, block_q, dv)  # inference: write slabs in place, no concatenation copy
@@ -352,7 +365,7 @@ def block_sparse_attention_flex(
     b, h, lq, d = q.shape
     mq = _cdiv(lq, block_q)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = mq if needs_grad_any(q, k, v, bias) else _query_block_chunk(k, mq, listed[2].shape[-1] * listed[5])
+    chunk = mq if needs_grad(q, k, v, bias) else _query_block_chunk(k, mq, listed[2].shape[-1] * listed[5])
     parts = [
         _attend_lse(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale) for s in range(0, mq, chunk)
     ]
@@ -360,10 +373,6 @@ def block_sparse_attention_flex(
     lse_p = _cat([x for _, x in parts], 2).flatten(2, 3)[:, :, :lq]
     level0 = torch.where(pooled, -1, kv_index)
     return _flex(q, k, v, level0, None, bias, block_q, block_k, scale, 1, merge=(out_p, lse_p))
-
-
-def needs_grad_any(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: float, num_levels: int, merge=None):
@@ -387,13 +396,14 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
     times[..., -1] = 0
     # Only the levels some entry uses are laid out (each costs a pooled copy of K and V); compiled, all of them.
     top = num_levels
-    if num_levels > 1 and not torch.compiler.is_compiling():
+    no_values = torch.compiler.is_compiling() or q.device.type == "meta"
+    if num_levels > 1 and not no_values:
         top = int(torch.where(listed, level, 0).max()) + 1 if listed.any() else 1
     slot_unit, log_count, real, column = _pyramid_layout(lk, block_k, top, q.device)
     slot_unit = torch.where(slot_unit >= top * mk, num_units, slot_unit)
-    k_pyr = torch.cat([_pad_tokens(_pool(k, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
+    k_pyr = torch.cat([_pad_tokens(pool_groups(k, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
                        for p in range(top)], 2)  # fmt: skip
-    v_pyr = torch.cat([_pad_tokens(_pool(v, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
+    v_pyr = torch.cat([_pad_tokens(pool_groups(v, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
                        for p in range(top)], 2)  # fmt: skip
     sentinel = k_pyr.shape[2]
     if merge is not None:  # one more key block holding the sentinel slot, one more value column
@@ -425,31 +435,30 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(block_q, block_k), seq_lengths=(q_len, k_pyr.shape[2])
     )
-    times_f = times  # captured by the mask and score functions
 
     if merge is None:
 
         def mask_mod(bi, hi, qi, kvi):
-            return (times_f[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            return (times[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
 
     else:
         merge_lse = _pad_tokens(merge[1].unsqueeze(-1), q_len).squeeze(-1).float()
         merge_live = torch.isfinite(merge_lse)
 
         def mask_mod(bi, hi, qi, kvi):
-            listed = (times_f[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
-            return listed | ((kvi == sentinel) & merge_live[bi, hi, qi])
+            kept = (times[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            return kept | ((kvi == sentinel) & merge_live[bi, hi, qi])
 
     block_mask.mask_mod = mask_mod
     extra = []
     if top > 1:
         log_count_q = log_count.to(torch.float32)
         extra.append(lambda bi, hi, qi, kvi: log_count_q[kvi])
-    if torch.compiler.is_compiling() or bool((times > 1).any()):
+    if no_values or bool((times > 1).any()):
         log_times = times.float().clamp_min(1).log()
         extra.append(lambda bi, hi, qi, kvi: log_times[bi, hi, qi // block_q, slot_unit[kvi]])
     if bias is not None:
-        bias_cat = torch.cat([_pool_bias(bias, p) for p in range(top)], -1).float()
+        bias_cat = torch.cat([pool_bias_columns(bias, p) for p in range(top)], -1).float()
         per_head = bias_cat.shape[0] > 1
         extra.append(lambda bi, hi, qi, kvi: bias_cat[hi if per_head else 0, qi % block_q, column[kvi]])
     if merge is not None:

@@ -28,6 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The pyramid's pooled levels are the PyTorch backend's (a deterministic reshape-and-sum; `index_add` would
+# be atomics on CUDA); the oracle in reference.py pools by its own, independent means.
+from .torch_impl import pool_bias_columns, pool_groups
+
 __all__ = ["block_sparse_attention_triton", "build_pyramid", "invert_index"]
 
 # One tile for the interpreter (CPU): 16 is the smallest size tl.dot accepts on GPUs, and small enough
@@ -337,33 +341,6 @@ def level_offsets(length: int, block_k: int, num_levels: int, device: torch.devi
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def _segment_means(x: torch.Tensor, segment: torch.Tensor, num_segments: int, dim: int) -> torch.Tensor:
-    """Means of the slices of x along `dim` that share a segment id (`index_add`; empty segments give 0)."""
-    shape = list(x.shape)
-    shape[dim] = num_segments
-    sums = x.new_zeros(shape).index_add(dim, segment, x)
-    count = torch.bincount(segment, minlength=num_segments).clamp_min(1).to(x.dtype)
-    view = [1] * x.dim()
-    view[dim] = num_segments
-    return sums / count.view(view)
-
-
-def _pool_level(x: torch.Tensor, block_k: int, level: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, ceil(L / block_k) * ceil(block_k / 2**level), D): each key block's groups of
-    2**level tokens averaged over their real tokens (0 for a group without any)."""
-    length = x.shape[2]
-    per_block = _cdiv(block_k, 1 << level)
-    token = torch.arange(length, device=x.device)
-    segment = (token // block_k) * per_block + (token % block_k >> level)
-    return _segment_means(x, segment, _cdiv(length, block_k) * per_block, 2)
-
-
-def _pool_bias_level(bias: torch.Tensor, level: int) -> torch.Tensor:
-    """(Hb, block_q, block_k) -> (Hb, block_q, ceil(block_k / 2**level)): means over each group's columns."""
-    column = torch.arange(bias.shape[-1], device=bias.device)
-    return _segment_means(bias, column >> level, _cdiv(bias.shape[-1], 1 << level), 2)
-
-
 def build_pyramid(
     k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, block_k: int, num_levels: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -379,9 +356,9 @@ def build_pyramid(
     """
     if num_levels == 1:
         return k, v, bias
-    k_pyr = torch.cat([k] + [_pool_level(k, block_k, p) for p in range(1, num_levels)], dim=2)
-    v_pyr = torch.cat([v] + [_pool_level(v, block_k, p) for p in range(1, num_levels)], dim=2)
-    b_pyr = None if bias is None else torch.cat([_pool_bias_level(bias, p) for p in range(num_levels)], dim=-1)
+    k_pyr = torch.cat([k] + [pool_groups(k, block_k, p) for p in range(1, num_levels)], dim=2)
+    v_pyr = torch.cat([v] + [pool_groups(v, block_k, p) for p in range(1, num_levels)], dim=2)
+    b_pyr = None if bias is None else torch.cat([pool_bias_columns(bias, p) for p in range(num_levels)], dim=-1)
     return k_pyr, v_pyr, b_pyr
 
 

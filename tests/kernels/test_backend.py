@@ -56,3 +56,35 @@ def test_ops_without_a_flex_or_gather_form_take_their_torch_path(monkeypatch):
     assert select_backend("op", x) == "triton"  # allowed on CPU because tests run with TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match=r"op has no 'triton' backend .* it has \('reference', 'torch'\)"):
         select_backend("op", x, backends=("reference", "torch"))
+
+
+def test_a_bias_that_requires_grad_makes_it_training(monkeypatch, caplog):
+    # Only the bias records gradients: auto must not pick FlexAttention (no CPU backward), and the gradient
+    # reaches the bias, also through an empty table.
+    monkeypatch.setenv("ZOO_KERNELS", "auto")
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    bias = torch.randn(2, 64, 64, requires_grad=True)
+    for index in (torch.tensor([[[[0], [1]]]]), torch.zeros(1, 1, 2, 0, dtype=torch.long)):
+        with caplog.at_level("DEBUG", logger="kernels"):
+            out = block_sparse_attention(q, k, v, index, bias=bias, block_q=64, block_k=64)
+        (grad,) = torch.autograd.grad(out.sum(), bias)
+        assert torch.isfinite(grad).all()
+    assert "flex" not in caplog.text
+
+
+def test_tables_on_another_device_are_named():
+    q, k, v = (torch.randn(1, 1, 8, 4, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="kv_index is on cpu but q, k, v are on meta"):
+        block_sparse_attention(q, k, v, torch.zeros(1, 1, 2, 1, dtype=torch.long), block_q=4, block_k=4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "gather", "flex"])
+def test_meta_tensors_give_the_output_shape(backend, monkeypatch):
+    # Model construction and FLOP counting run on the meta device, where no table value can be read.
+    monkeypatch.setenv("ZOO_KERNELS", backend)
+    q, k, v = (torch.randn(1, 2, 128, 16, device="meta") for _ in range(3))
+    index = torch.zeros(1, 1, 2, 2, dtype=torch.long, device="meta")
+    level = torch.zeros_like(index)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, index, level, block_q=64, block_k=64, num_levels=2)
+    assert out.shape == (1, 2, 128, 16) and out.device.type == "meta"

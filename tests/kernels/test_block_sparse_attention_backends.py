@@ -204,3 +204,33 @@ def test_random_shapes_triton(dims, shared, bias_heads, seed):
 @given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
 def test_random_shapes_flex(dims, shared, bias_heads, seed):
     _random_case("flex", dims, shared, bias_heads, seed)
+
+
+@pytest.mark.parametrize("block", [16, 17], ids=["explicit-matmuls", "fused-sdpa"])
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+def test_bfloat16_close_to_the_float64_oracle(backend, block):
+    # Softmax and the flex merge's log-sum-exp in fp32: bf16 inputs stay within bf16 rounding of the oracle.
+    torch.manual_seed(0)
+    length = 8 * block
+    q, k, v = (torch.randn(1, 2, length, 32) for _ in range(3))
+    index = torch.randint(0, 8, (1, 2, 8, 4))
+    level = torch.randint(0, 4, index.shape)
+    args = (index, level, None, block, block, 32**-0.5, 4)
+    expected = block_sparse_attention_reference(q, k, v, *args)
+    with torch.no_grad():
+        out = BACKENDS[backend](q.bfloat16(), k.bfloat16(), v.bfloat16(), *args)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
+def test_flex_merge_has_finite_gradients_on_rows_without_pooled_entries():
+    # The pooled half of FlexAttention's merge (its backward runs on CUDA): a row with no pooled entry has a
+    # log-sum-exp of -inf, whose backward must not turn into NaN.
+    from kernels.block_sparse_attention.torch_impl import _attend_lse, _listed_slots
+
+    q, k, v = (torch.randn(1, 1, 8, 4, requires_grad=True) for _ in range(3))
+    listed = _listed_slots(q, k, v, torch.tensor([[[[0], [-1]]]]), torch.tensor([[[[1], [0]]]]), None, 4, 2)
+    out, lse = _attend_lse(q.view(1, 1, 2, 4, 4), listed, slice(None), 0.5)
+    assert torch.isinf(lse[0, 0, 1]).all() and not out[0, 0, 1].any()
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
