@@ -2,13 +2,15 @@
 
     flock /tmp/bench.lock python benchmarks/sparse_attention_cpu.py [--threads 2] [--rounds 7] [--no-write]
 
-fp32, batch 1. Rows:
+fp32; the attention rows at batch 1. Rows:
 
 - the block-sparse op (`kernels.block_sparse_attention`, backend `auto` and each PyTorch backend) at 10% of the
   key blocks (distinct random blocks per query block and head), 8,192 tokens, 4 heads of 64, blocks of 64;
 - Pyramid Sparse Attention with the default `PSAConfig` (blocks 128/64, 10% full, 5% at 2x, 20% at 8x) on
   video grids of 8 x 24 x 32 = 6,144 and 16 x 24 x 32 = 12,288 tokens, 4 heads of 64: the module end to end
-  (token reorder, planning, op, restore) and the op alone on the planned levels.
+  (token reorder, planning, op, restore) and the op alone on the planned levels;
+- a training step of the video DiT digits recipe (configs/video/video_dit_digits.yaml: its model, PSA config
+  and batch; random weights and clips) with PSA against the same model with dense attention.
 
 Inference runs under `torch.no_grad()`; forward+backward sums the output and calls backward. Speed is dense
 time / sparse time (above 1: sparse is faster); each cell is the median of `--rounds` alternated pairs.
@@ -119,11 +121,65 @@ def psa_rows(rounds: int) -> list[tuple]:
     return rows
 
 
+def video_dit_rows(rounds: int) -> list[tuple]:
+    """One training step (forward, loss, backward, AdamW) of the digits recipe's VideoDiT, PSA vs dense."""
+    import yaml
+
+    from zoo.video.dit import VideoDiT
+
+    recipe = yaml.safe_load(
+        (Path(__file__).resolve().parent.parent / "configs/video/video_dit_digits.yaml").read_text()
+    )
+    cfg = recipe["model"]
+    kwargs = dict(cfg["model_kwargs"], in_channels=1, patch_size=tuple(cfg["patch_size"]))
+    dense = VideoDiT.from_size(cfg["size"], **kwargs, attention="dense")
+    psa = VideoDiT.from_size(cfg["size"], **kwargs, attention="psa", psa_config=cfg["psa_config"])
+    psa.load_state_dict(dense.state_dict())
+    frames, size = recipe["data"]["num_frames"], recipe["data"]["frame_size"]
+    x = torch.randn(recipe["data"]["batch_size"], 1, frames, size, size)
+    t, labels = torch.rand(x.shape[0]) * 1000, torch.randint(0, 10, (x.shape[0],))
+
+    def step(model, opt):
+        def run():
+            opt.zero_grad()
+            model(x, t, labels).sample.square().mean().backward()
+            opt.step()
+
+        return run
+
+    ts, td = _alternate(
+        step(psa, torch.optim.AdamW(psa.parameters())), step(dense, torch.optim.AdamW(dense.parameters())), rounds * 3
+    )
+    tokens = frames // cfg["patch_size"][0] * (size // cfg["patch_size"][1]) ** 2
+    name = f"video DiT digits recipe, training step (batch {x.shape[0]}, {tokens} tokens, PSA density 0.67)"
+    return [(name, "fwd+bwd+AdamW", ts, td)]
+
+
+# Issue 16's CPU targets: (label, row name prefix, pass, least speed over dense SDPA).
+TARGETS = (
+    ("block-sparse op, 10%, 8192 tokens", "block-sparse op, 10% of blocks, 8192 tokens, `auto`", "inference", 5.0),
+    ("block-sparse op, 10%, 8192 tokens", "block-sparse op, 10% of blocks, 8192 tokens, `auto`", "fwd+bwd", 3.0),
+    ("PSA module, default config, 6144 tokens", "PSA module (reorder, plan, op), 6144 tokens", "inference", 4.0),
+    ("PSA module, default config, 6144 tokens", "PSA module (reorder, plan, op), 6144 tokens", "fwd+bwd", 2.0),
+    ("video DiT digits recipe, PSA training", "video DiT digits recipe", "fwd+bwd+AdamW", 1.0),
+)
+
+
+def _targets(rows: list[tuple]) -> list[str]:
+    out = ["Against the targets (default backend, `auto`):", ""]
+    for label, prefix, mode, least in TARGETS:
+        for name, row_mode, ts, td in rows:
+            if name.startswith(prefix) and row_mode == mode:
+                verdict = "met" if td / ts >= least else "**not met**"
+                out.append(f"- {label}, {mode}: {td / ts:.2f}x, target >= {least:g}x: {verdict}.")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", choices=["op", "psa"], default=None)
+    parser.add_argument("--only", choices=["op", "psa", "video"], default=None)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,6 +189,8 @@ def main() -> None:
         rows += block_sparse_rows(args.rounds)
     if args.only in (None, "psa"):
         rows += psa_rows(args.rounds)
+    if args.only in (None, "video"):
+        rows += video_dit_rows(args.rounds)
     lines = [
         f"fp32, batch 1, {HEADS} heads of {HEAD_DIM}, {args.threads} threads; each side alternated in one process "
         f"({args.rounds} rounds, medians). Speed = dense SDPA time / sparse time.",
@@ -142,6 +200,7 @@ def main() -> None:
     ]
     for name, mode, ts, td in rows:
         lines.append(f"| {name} | {mode} | {ts * 1e3:.1f} | {td * 1e3:.1f} | {td / ts:.2f}x |")
+    lines += ["", *_targets(rows)]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
