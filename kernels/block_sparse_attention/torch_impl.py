@@ -113,14 +113,22 @@ def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: i
     that gathering is a copy of whole rows (`index_select`) straight into one (B, H, m, W, D) tensor.
 
     Returns:
-        None when nothing is listed, else (keys (B, H, S, D), values (B, H, S, Dv), rows (B, H, Mq, W / unit),
-        mask (B, H, Mq, W): log of each slot's tokens, -inf for empty slots, or None when all are zero, bias
-        (Hb, bq, W) or None, unit).
+        None when nothing is listed, else (keys (B, H, S, D), values (B, H, S, Dv), rows (B or 1, H or 1, Mq,
+        W / unit), mask (B or 1, H or 1, Mq, W): log of each slot's tokens, -inf for empty slots, or None when
+        all are zero, bias (Hb, bq, W) or None, unit).
     """
     lk = k.shape[2]
     mk = _cdiv(lk, block_k)
-    index, level = _expand_tables(q, kv_index, kv_level)
-    selected = [(p, sel) for p in range(num_levels) if (sel := _select_level(index, level, p)) is not None]
+    # The tables stay as broadcast as they come ((1, 1, Mq, K) for BiFormer's shared routing): everything
+    # built from them is per table row, and broadcasts against (B, H) only where the slots are gathered.
+    index = kv_index.long()
+    if kv_level is None or num_levels == 1:  # one level: the table as it is, no selection
+        if index.shape[-1] == 0:
+            return None
+        selected = [(0, (index.clamp_min(0), index >= 0))]
+    else:
+        level = kv_level.long()
+        selected = [(p, sel) for p in range(num_levels) if (sel := _select_level(index, level, p)) is not None]
     if not selected:
         return None
     sizes = [_cdiv(block_k, 1 << p) for p, _ in selected]
@@ -188,7 +196,7 @@ def _attend(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float) ->
     q_4d, k_4d, v_4d = q_blocks.reshape(b, h * m, bq, -1), keys.flatten(1, 2), values.flatten(1, 2)
     if mask is None:
         return F.scaled_dot_product_attention(q_4d, k_4d, v_4d, scale=scale).view(b, h, m, bq, -1)
-    mask = mask.flatten(1, 2)
+    mask = mask.expand(b, h, *mask.shape[2:]).flatten(1, 2)
     # A query row with every logit at -inf gives zeros where SDPA would give NaN.
     live = (mask > float("-inf")).any(dim=-1, keepdim=True)
     mask = torch.where(live, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
