@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
-__all__ = ["machine_description", "measure_in_subprocess", "time_callable", "write_section"]
+__all__ = ["alternate", "machine_description", "measure_in_subprocess", "time_callable", "write_section"]
 
 
 def machine_description() -> str:
@@ -54,6 +54,24 @@ def time_callable(fn: Callable[[], object], warmup: int = 2, iters: int = 5, min
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def alternate(first: Callable[[], object], second: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median seconds of each callable over `rounds` alternated calls, after one warm-up call each.
+
+    Alternating in one process puts both sides under the same load, caches and clocks.
+    """
+    first(), second()
+    a, b = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        a.append(t1 - t0)
+        b.append(time.perf_counter() - t1)
+    a.sort(), b.sort()
+    return a[len(a) // 2], b[len(b) // 2]
 
 
 def _rss_mb() -> float:

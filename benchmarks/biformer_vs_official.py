@@ -12,29 +12,14 @@ Writes the "biformer_vs_official" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._harness import write_section  # noqa: E402
-
-
-def _alternate(zoo_fn, official_fn, rounds: int) -> tuple[float, float]:
-    zoo_fn(), official_fn()
-    a, b = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        zoo_fn()
-        t1 = time.perf_counter()
-        official_fn()
-        a.append(t1 - t0)
-        b.append(time.perf_counter() - t1)
-    return statistics.median(a), statistics.median(b)
+from benchmarks._harness import alternate, write_section  # noqa: E402
 
 
 def measure(size: str, batch: int, resolution: int, rounds: int) -> list[tuple]:
@@ -60,7 +45,7 @@ def measure(size: str, batch: int, resolution: int, rounds: int) -> list[tuple]:
         with torch.no_grad():
             official_biformer_forward(sd, x, size)
 
-    rows.append((size, "inference", *_alternate(zoo_inference, official_inference, rounds)))
+    rows.append((size, "inference", *alternate(zoo_inference, official_inference, rounds)))
 
     # Training step: eval mode on both sides (the official functional forward has no dropout or
     # drop-path), so the two compute the same function and gradients.
@@ -75,7 +60,7 @@ def measure(size: str, batch: int, resolution: int, rounds: int) -> list[tuple]:
             v.grad = None
         official_biformer_forward(sd_grad, x, size).square().mean().backward()
 
-    rows.append((size, "training step", *_alternate(zoo_step, official_step, max(3, rounds // 2))))
+    rows.append((size, "training step", *alternate(zoo_step, official_step, max(3, rounds // 2))))
     return rows
 
 

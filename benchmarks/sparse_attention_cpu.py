@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,24 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._harness import write_section  # noqa: E402
+from benchmarks._harness import alternate, write_section  # noqa: E402
 
 HEADS, HEAD_DIM = 4, 64
-
-
-def _alternate(sparse, dense, rounds: int) -> tuple[float, float]:
-    """Median seconds of each side over `rounds` alternated calls, after one warm-up call each."""
-    sparse(), dense()
-    a, b = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        sparse()
-        t1 = time.perf_counter()
-        dense()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return statistics.median(a), statistics.median(b)
 
 
 def _passes(fn, inputs, train: bool):
@@ -89,7 +72,7 @@ def block_sparse_rows(rounds: int) -> list[tuple]:
             sparse = _passes(lambda q, k, v: block_sparse_attention(q, k, v, index, block_q=block, block_k=block),
                              (q, k, v), train)  # fmt: skip
             dense = _passes(F.scaled_dot_product_attention, (q, k, v), train)
-            ts, td = _alternate(sparse, dense, rounds)
+            ts, td = alternate(sparse, dense, rounds)
             name = f"block-sparse op, 10% of blocks, {length} tokens, `{backend}`"
             rows.append((name, "fwd+bwd" if train else "inference", ts, td))
     os.environ.pop("ZOO_KERNELS", None)
@@ -115,7 +98,7 @@ def psa_rows(rounds: int) -> list[tuple]:
             for name, fn in cases:
                 sparse = _passes(fn, (q, k, v), train)
                 dense = _passes(F.scaled_dot_product_attention, (q, k, v), train)
-                ts, td = _alternate(sparse, dense, rounds)
+                ts, td = alternate(sparse, dense, rounds)
                 label = f"{name}, {length} tokens ({grid[0]}x{grid[1]}x{grid[2]}), density {density:.3f}"
                 rows.append((label, "fwd+bwd" if train else "inference", ts, td))
     return rows
@@ -147,7 +130,7 @@ def video_dit_rows(rounds: int) -> list[tuple]:
 
         return run
 
-    ts, td = _alternate(
+    ts, td = alternate(
         step(psa, torch.optim.AdamW(psa.parameters())), step(dense, torch.optim.AdamW(dense.parameters())), rounds * 3
     )
     tokens = frames // cfg["patch_size"][0] * (size // cfg["patch_size"][1]) ** 2
