@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import block_sparse_attention
+from kernels.fused_pointwise import linear
 
 from ._layout import pad_to_multiple
 
@@ -108,7 +109,7 @@ class BiLevelRoutingAttention(nn.Module):
         wh, ww = hp // n, wp // n
         tokens = wh * ww
 
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv)
         q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
 
         def by_region(t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class BiLevelRoutingAttention(nn.Module):
         out = out.view(b, heads, n, n, wh, ww, -1).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hp, wp, -1)
         if self.lepe is not None:
             out = out + _channels_last(self.lepe(_channels_first(v)))
-        out = self.proj(out)
+        out = linear(out, self.proj)
         if pad_b or pad_r:
             out = out[:, :height, :width].contiguous()
         return out

@@ -56,3 +56,19 @@ def test_global_attention_lepe_uses_input_for_lepe():
     with torch.no_grad():
         lepe = block.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         torch.testing.assert_close(block(x), block.proj(lepe))
+
+
+def test_projection_hooks_are_called_in_inference():
+    # The projections run through the fused pointwise ops (oneDNN in CPU inference); a hooked Linear is
+    # called as it is, and what the hook returns is what the mixer uses.
+    from blocks.routing import BiLevelRoutingAttention
+
+    attn = BiLevelRoutingAttention(32, num_heads=2, n_win=2, topk=2).eval()
+    x = torch.randn(1, 8, 8, 32)
+    calls = []
+    with torch.no_grad():
+        plain = attn(x)
+        attn.qkv.register_forward_hook(lambda *_: calls.append("qkv"))
+        attn.proj.register_forward_hook(lambda mod, inp, out: out * 0)
+        out = attn(x)
+    assert calls == ["qkv"] and plain.abs().max() > 0 and not out.any()

@@ -22,6 +22,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks._mlp import ResidualMlp
 from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE
+from kernels.fused_pointwise import conv_add
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 
@@ -60,7 +61,8 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x_cf = x.permute(0, 3, 1, 2)  # NCHW view of the channels-last map
+        x = conv_add(x_cf, self.pos_embed, x_cf).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         if self.training and isinstance(self.drop_path, DropPath):  # drop-path sits between the MLP and the add
             return x + self.drop_path(self.mlp(self.norm2(x)))
