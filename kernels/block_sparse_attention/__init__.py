@@ -17,13 +17,14 @@ choice (`_backend_for`). Which path ran is logged at debug level on the "kernels
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .._backend import needs_grad, select_backend
+from .._backend import kernel_backend, needs_grad, select_backend
 from .reference import block_sparse_attention_reference
-from .torch_impl import block_sparse_attention_flex, block_sparse_attention_gather, flex_available
+from .torch_impl import FlexCompileError, block_sparse_attention_flex, block_sparse_attention_gather, flex_available
 
 __all__ = [
     "block_sparse_attention",
@@ -202,7 +203,19 @@ def block_sparse_attention(
 
         return block_sparse_attention_triton(*args)
     if backend == "flex":
-        return block_sparse_attention_flex(*args)
+        try:
+            return block_sparse_attention_flex(*args)
+        except FlexCompileError:
+            if kernel_backend() == "flex":  # asked for by name: say so
+                raise
+            # Chosen for speed: the gather path computes the same, and `auto` no longer picks FlexAttention.
+            warnings.warn(
+                "block_sparse_attention: FlexAttention could not be compiled here; using the gather backend "
+                "(set ZOO_KERNELS=gather to silence this)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return block_sparse_attention_gather(*args)
     if backend == "gather":
         return block_sparse_attention_gather(*args)
     return block_sparse_attention_reference(*args)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .._backend import needs_grad
 
-__all__ = ["block_sparse_attention_flex", "block_sparse_attention_gather", "flex_available"]
+__all__ = ["FlexCompileError", "block_sparse_attention_flex", "block_sparse_attention_gather", "flex_available"]
 
 # Below this many gathered key elements per slab (16 MiB in fp32) slabbing saves little and costs launches.
 MIN_SLAB_ELEMENTS = 2**22
@@ -280,12 +280,21 @@ def block_sparse_attention_gather(
 # ----------------------------------------------------------------------------------------------------------
 
 
+class FlexCompileError(RuntimeError):
+    """FlexAttention could not be compiled here (no C++ compiler for Inductor's CPU kernel, say)."""
+
+
+# Set when compiling FlexAttention failed once in this process: `auto` stops choosing it.
+_flex_failed: list[str] = []
+
+
 def flex_available() -> bool:
+    """Whether torch has FlexAttention and compiling it has not failed in this process."""
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
-    return True
+    return not _flex_failed
 
 
 @cache
@@ -301,8 +310,12 @@ def _flex_call(*args, **kwargs) -> torch.Tensor:
     if torch.compiler.is_compiling():  # the caller's graph traces it
         return flex_attention(*args, **kwargs)
     # Without compilation FlexAttention materializes every score; compiled it skips the masked blocks.
-    with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT):
-        return _compiled_flex()(*args, **kwargs)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT):
+            return _compiled_flex()(*args, **kwargs)
+    except (torch._dynamo.exc.TorchDynamoException, OSError) as error:  # Inductor's errors derive from the first
+        _flex_failed.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        raise FlexCompileError(f"compiling FlexAttention failed: {_flex_failed[-1]}") from error
 
 
 def _pyramid_layout(lk: int, block_k: int, num_levels: int, device: torch.device):

@@ -88,3 +88,30 @@ def test_meta_tensors_give_the_output_shape(backend, monkeypatch):
     with torch.no_grad():
         out = block_sparse_attention(q, k, v, index, level, block_q=64, block_k=64, num_levels=2)
     assert out.shape == (1, 2, 128, 16) and out.device.type == "meta"
+
+
+def test_flex_that_cannot_compile_falls_back_to_gather(monkeypatch):
+    # A machine without a C++ compiler for Inductor: auto warns once, computes with the gather path and stops
+    # choosing FlexAttention; asked for by name, FlexAttention's failure is an error that says so.
+    from kernels.block_sparse_attention import torch_impl
+
+    def no_compiler():
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch_impl, "_compiled_flex", no_compiler)
+    monkeypatch.setattr(torch_impl, "_flex_failed", [])
+    monkeypatch.setenv("ZOO_KERNELS", "auto")
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    index = torch.tensor([[[[0], [1]]]])
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention could not be compiled"):
+        out = block_sparse_attention(q, k, v, index, block_q=64, block_k=64)
+    monkeypatch.setenv("ZOO_KERNELS", "gather")
+    with torch.no_grad():
+        torch.testing.assert_close(out, block_sparse_attention(q, k, v, index, block_q=64, block_k=64))
+    assert not torch_impl.flex_available()
+    monkeypatch.setenv("ZOO_KERNELS", "flex")
+    with torch.no_grad(), pytest.raises(torch_impl.FlexCompileError, match="no C.. compiler"):
+        block_sparse_attention(q, k, v, index, block_q=64, block_k=64)
