@@ -169,3 +169,24 @@ def test_the_one_forward_compiles_to_one_graph(name):
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
         assert _rel_err(compiled(x), block(x)) <= 1e-5
+
+
+def test_cross_shaped_projection_hooked_or_wrapped_is_called():
+    # CSWin's split projection reads the fused qkv weight directly; a hook or a wrapper must still see the call.
+    from blocks.cross_shaped import CrossShapedWindowAttention
+
+    attn = CrossShapedWindowAttention(32, num_heads=4, split_size=2).eval()
+    x = torch.randn(2, 8, 8, 32)
+    with torch.no_grad():
+        plain = attn(x)
+        calls = []
+        handle = attn.qkv.register_forward_hook(lambda *_: calls.append(1))
+        torch.testing.assert_close(attn(x), plain)
+        handle.remove()
+        assert calls == [1]
+        lora = _LoRA(attn.qkv)
+        attn.qkv = lora
+        wrapped = attn(x)
+        attn.qkv = lora.merged()
+        torch.testing.assert_close(wrapped, attn(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(wrapped, plain, atol=1e-4)
