@@ -211,6 +211,13 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module, approximate: str = "none") -> to
     return reference.linear_gelu(x, fc, approximate)
 
 
+def _linear_binary(op: str, x: torch.Tensor, fc: nn.Module, other: torch.Tensor) -> torch.Tensor:
+    """`op` ("linear_add" or "linear_mul") on its fused path when `other` has the output's exact layout."""
+    fused = fusion_allowed(x) and _fusable_linear(x, fc) and _same_layout(other, (*x.shape[:-1], fc.out_features), x)
+    impl = onednn_impl if _path(op, x, fused) == "onednn" else reference
+    return getattr(impl, op)(x, fc, other)
+
+
 def linear_add(x: torch.Tensor, fc: nn.Module, other: torch.Tensor) -> torch.Tensor:
     """other + fc(x) (a residual add), the add as a post-op of the GEMM when fused.
 
@@ -222,10 +229,7 @@ def linear_add(x: torch.Tensor, fc: nn.Module, other: torch.Tensor) -> torch.Ten
     Returns:
         (..., C_out).
     """
-    fused = fusion_allowed(x) and _fusable_linear(x, fc) and _same_layout(other, (*x.shape[:-1], fc.out_features), x)
-    if _path("linear_add", x, fused) == "onednn":
-        return onednn_impl.linear_add(x, fc, other)
-    return reference.linear_add(x, fc, other)
+    return _linear_binary("linear_add", x, fc, other)
 
 
 def linear_mul(x: torch.Tensor, fc: nn.Module, other: torch.Tensor) -> torch.Tensor:
@@ -239,10 +243,7 @@ def linear_mul(x: torch.Tensor, fc: nn.Module, other: torch.Tensor) -> torch.Ten
     Returns:
         (..., C_out).
     """
-    fused = fusion_allowed(x) and _fusable_linear(x, fc) and _same_layout(other, (*x.shape[:-1], fc.out_features), x)
-    if _path("linear_mul", x, fused) == "onednn":
-        return onednn_impl.linear_mul(x, fc, other)
-    return reference.linear_mul(x, fc, other)
+    return _linear_binary("linear_mul", x, fc, other)
 
 
 def linear_split(x: torch.Tensor, fc: nn.Module, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
