@@ -52,7 +52,7 @@ def row_stripe_attention(
     pad = (stripe - r % stripe) % stripe
     if pad:
         # F.pad on (B, R, S * 3 * C): only the row dimension is padded.
-        qkv = F.pad(qkv.reshape(b, r, -1), (0, 0, pad // 2, pad - pad // 2)).reshape(b, r + pad, s, 3, c)
+        qkv = F.pad(qkv.reshape(b, r, s * 3 * c), (0, 0, pad // 2, pad - pad // 2)).reshape(b, r + pad, s, 3, c)
     # Full-width stripes are contiguous runs of rows: partitioning is a view.
     n, tokens = b * (r + pad) // stripe, stripe * s
     q, k, v = qkv.reshape(n, tokens, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)

@@ -99,9 +99,10 @@ class WindowAttention(nn.Module):
         tokens = self.window_size[0] * self.window_size[1]
         # Cutting windows before the q/k/v projection moves C channels instead of 3C.
         qkv = linear(window_partition(x, self.window_size), self.qkv)
-        qkv = qkv.view(-1, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        windows = grid[0] * grid[1]  # explicit (not -1): a batch of 0 images reshapes too
+        qkv = qkv.view(b * windows, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        out = window_reverse(out.transpose(1, 2).reshape(b, -1, *self.window_size, c), grid)
+        out = window_reverse(out.transpose(1, 2).reshape(b, windows, *self.window_size, c), grid)
         if pad_b or pad_r:
             out = out[:, :h, :w]
         if residual is None:

@@ -96,9 +96,10 @@ class HiLoAttention(nn.Module):
         s, heads = self.window_size, self.hi_heads
         # The projection is per token, so it runs on the map and only its output is partitioned.
         qkv = window_partition(self.hi_qkv(x), (s, s))  # (B, nW, s, s, 3 * hi_dim)
-        qkv = qkv.reshape(-1, s * s, 3, heads, self.hi_dim // heads).permute(2, 0, 3, 1, 4)
+        windows = (h // s) * (w // s)  # explicit (not -1): a batch of 0 images reshapes too
+        qkv = qkv.reshape(b * windows, s * s, 3, heads, self.hi_dim // heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
-        out = out.transpose(1, 2).reshape(b, -1, s, s, self.hi_dim)
+        out = out.transpose(1, 2).reshape(b, windows, s, s, self.hi_dim)
         return self.hi_proj(window_reverse(out, (h // s, w // s)))
 
     def low_frequency(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,8 @@ class HiLoAttention(nn.Module):
         head_dim = self.lo_dim // heads
         q = self.lo_q(x).reshape(b, h * w, heads, head_dim).transpose(1, 2)
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1) if s > 1 else x
-        kv = self.lo_kv(pooled).reshape(b, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.lo_kv(pooled).reshape(b, pooled.shape[1] * pooled.shape[2], 2, heads, head_dim)
+        kv = kv.permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], scale=self.scale)
         return self.lo_proj(out.transpose(1, 2).reshape(b, h, w, self.lo_dim))
 
@@ -172,6 +174,19 @@ class DeformableTokenMerging(nn.Module):
 
     Output size is floor(H / 2) x floor(W / 2), as in the official backbones.
 
+    Two guards around torchvision's kernel, which turns sampling positions into integer indices unchecked
+    (offsets that are not finite, or near 1e20, crash the process):
+
+    - an output position whose predicted offsets are not all finite (NaN or Inf in the input, a diverged
+      run) is NaN, as a plain convolution over such an input would be; its sampling position is undefined.
+    - finite offsets are clamped to +-(max(H, W) + 2) pixels. Every tap shifted that far or further lands
+      outside the map, where bilinear sampling reads zero, so the clamp changes no value and no gradient.
+
+    torchvision's `deform_conv2d` has kernels for float32 and float64 only: in any other dtype (a bf16
+    model, CPU or CUDA autocast) the op alone is computed in float32 and its output cast back to the
+    input's dtype (what torchvision's own CUDA autocast rule does); the offset conv, BatchNorm and GELU run
+    as autocast or the model's dtype decide.
+
     Args:
         dim: input channels.
         out_dim: output channels.
@@ -205,5 +220,13 @@ class DeformableTokenMerging(nn.Module):
         if x.shape[1] < 2 or x.shape[2] < 2:
             raise ValueError(f"DeformableTokenMerging needs a map of at least 2 x 2, got {tuple(x.shape[1:3])}")
         x = x.permute(0, 3, 1, 2)
-        x = deform_conv2d(x, self.offset(x), self.weight, self.bias, stride=2)
-        return self.act(self.norm(x)).permute(0, 2, 3, 1)
+        offset = self.offset(x)
+        undefined = ~torch.isfinite(offset).all(1, keepdim=True)  # (B, 1, H // 2, W // 2)
+        limit = float(max(x.shape[-2:]) + 2)
+        offset = offset.nan_to_num(0.0).clamp(-limit, limit)
+        # All four operands in one dtype the kernel has (autocast leaves the op alone on the CPU, and on CUDA
+        # torchvision's own rule casts to float32 as well).
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        out = deform_conv2d(x.to(compute), offset.to(compute), self.weight.to(compute), self.bias.to(compute), stride=2)
+        out = out.masked_fill(undefined, float("nan")).to(x.dtype)
+        return self.act(self.norm(out)).permute(0, 2, 3, 1)

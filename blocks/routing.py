@@ -115,8 +115,9 @@ class BiLevelRoutingAttention(nn.Module):
         def by_region(t: torch.Tensor) -> torch.Tensor:
             # (B, Hp, Wp, h * d) -> (B, h, R * L, d), regions in row-major order and tokens within them: the
             # window partition and the head split in one copy.
-            t = t.reshape(b, n, wh, n, ww, heads, -1).permute(0, 5, 1, 3, 2, 4, 6)
-            return t.reshape(b, heads, n * n * tokens, -1)
+            d = t.shape[-1] // heads  # explicit (not -1): a batch of 0 images reshapes too
+            t = t.reshape(b, n, wh, n, ww, heads, d).permute(0, 5, 1, 3, 2, 4, 6)
+            return t.reshape(b, heads, n * n * tokens, d)
 
         q, k, v_regions = by_region(q), by_region(k), by_region(v)
 
@@ -137,7 +138,8 @@ class BiLevelRoutingAttention(nn.Module):
             scale=self.scale,
         )
         # (B, h, R * L, d) -> (B, Hp, Wp, h * d): window reverse and head merge in one copy.
-        out = out.view(b, heads, n, n, wh, ww, -1).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hp, wp, -1)
+        d = out.shape[-1]
+        out = out.view(b, heads, n, n, wh, ww, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hp, wp, heads * d)
         if self.lepe is not None:
             out = out + _channels_last(self.lepe(_channels_first(v)))
         out = linear(out, self.proj)

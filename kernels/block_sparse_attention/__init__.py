@@ -190,7 +190,7 @@ def block_sparse_attention(
     if kv_level is not None and num_levels == 1:
         kv_level = None
     args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
-    if q.shape[2] == 0 or kv_index.shape[-1] == 0 or k.shape[2] == 0:  # nothing to attend to
+    if 0 in (q.shape[0], q.shape[1], q.shape[2], kv_index.shape[-1], k.shape[2]):  # nothing to attend to
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         # Kept in the graph (zero gradients, from empty slices: no NaN from inf inputs) so that a backward
         # through it works as through any other call.
