@@ -4,6 +4,7 @@ and the builder call, and the timm model contract (`StagedBackbone`)."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -31,10 +32,33 @@ __all__ = [
 KeyRule = tuple[str, str | Callable[[re.Match], str]]
 
 
-def check_image_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    """Raise a ValueError naming the expected and received shape unless x is (B, in_chans, H, W), H, W >= min_size."""
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, dtype: torch.dtype | None = None) -> None:
+    """Check a backbone's input before any work is done.
+
+    Raises:
+        TypeError: x is not a floating-point tensor, or (outside autocast, which casts for the model) its dtype
+            is not the model's `dtype`.
+        ValueError: naming the expected and received shape unless x is (B, in_chans, H, W), H, W >= min_size.
+            B may be 0: the output is then empty, as timm's models return it.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f"expected input of shape (B, {in_chans}, H, W) with H, W >= {min_size}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images (convert with x.float() and normalize), got {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not _autocast_on(x.device.type):
+        raise TypeError(
+            f"input dtype {x.dtype} differs from the model's {dtype}: convert the input (x.to({dtype})) or the "
+            f"model (model.to({x.dtype})), or run under torch.autocast"
+        )
 
 
 def load_pretrained_file_safely(pretrained: bool, kwargs: dict, state_dict_keys: tuple[str, ...]) -> dict:
@@ -166,6 +190,41 @@ def backbone_cfg(
     }
 
 
+def check_num_classes(num_classes: object) -> None:
+    """Raise unless num_classes is an int >= 0 (0: no classifier, as in timm)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an int >= 0 (0 for no classifier), got {num_classes!r}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0 for no classifier), got {num_classes}")
+
+
+def _check_rate(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:  # also false for NaN
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+
+
+def check_backbone_args(variant: str, kwargs: dict) -> None:
+    """Check the arguments every zoo backbone shares before anything is built or loaded.
+
+    Raises:
+        TypeError, ValueError: naming the argument, the value and the range it must lie in: `num_classes`
+            an int >= 0, `in_chans` an int >= 1, dropout and stochastic-depth rates in [0, 1) (a rate of 1
+            would drop every sample; outside the range they failed only once training started).
+    """
+    if "num_classes" in kwargs:
+        check_num_classes(kwargs["num_classes"])
+    in_chans = kwargs.get("in_chans", 3)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral):
+        raise TypeError(f"{variant}: in_chans must be an int >= 1, got {in_chans!r}")
+    if in_chans < 1:
+        raise ValueError(f"{variant}: in_chans must be an int >= 1, got {in_chans}")
+    for name in ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate"):
+        if kwargs.get(name) is not None:
+            _check_rate(f"{variant}: {name}", kwargs[name])
+
+
 def create_backbone(
     model_cls: type[nn.Module],
     variant: str,
@@ -186,6 +245,7 @@ def create_backbone(
         state_dict_keys: where the authors' checkpoint keeps the model's tensors, in order.
         kwargs: the model's arguments and timm's (`out_indices`, `pretrained_cfg_overlay`, ...).
     """
+    check_backbone_args(variant, kwargs)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=state_dict_keys)
     return build_model_with_cfg(
@@ -221,6 +281,10 @@ class StagedBackbone(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        param = next(self.parameters(), None)
+        check_image_input(x, self.in_chans, self.min_input_size, None if param is None else param.dtype)
+
     def _to_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         if fmt == self.stage_format:
             return x
@@ -255,6 +319,7 @@ class StagedBackbone(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        check_num_classes(num_classes)
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
@@ -282,7 +347,7 @@ class StagedBackbone(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size)
+        self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
@@ -314,7 +379,7 @@ class StagedBackbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C4, H / 32, W / 32) after the final norm."""
-        check_image_input(x, self.in_chans, self.min_input_size)
+        self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
