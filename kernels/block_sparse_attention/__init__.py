@@ -98,7 +98,7 @@ def _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_level
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, size in (("block_q", block_q), ("block_k", block_k), ("num_levels", num_levels)):
-        if not (isinstance(size, int) and size > 0):
+        if isinstance(size, bool) or not (isinstance(size, int) and size > 0):
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     b, h, lq, _ = q.shape
     mq, mk = -(-lq // block_q), -(-k.shape[2] // block_k)
@@ -140,7 +140,10 @@ def _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_level
         if kv_level is not None:
             lo, hi = int(kv_level.min()), int(kv_level.max())
             if lo < 0 or hi >= num_levels:
-                raise ValueError(f"kv_level values must lie in [0, num_levels = {num_levels}), got range [{lo}, {hi}]")
+                raise ValueError(
+                    f"kv_level values must lie in [0, num_levels = {num_levels}) (level p pools 2**p tokens; an empty "
+                    f"slot is -1 in kv_index, not in kv_level), got range [{lo}, {hi}]"
+                )
 
 
 def block_sparse_attention(
@@ -182,8 +185,14 @@ def block_sparse_attention(
         (B, H, Lq, Dv); zero rows for query blocks without entries.
     """
     if num_levels is None:
-        num_levels = 1 if kv_level is None or kv_level.numel() == 0 else int(kv_level.max()) + 1
+        num_levels = 1 if kv_level is None or kv_level.numel() == 0 else max(int(kv_level.max()) + 1, 1)
     _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_levels)
+    # From level `top` on, a pooling group holds a whole key block: higher levels are the same level (same means,
+    # counts and bias columns), so they are computed as `top` (a level of 40 would otherwise size buffers by 2**40).
+    top = (block_k - 1).bit_length()
+    if num_levels > top + 1:
+        num_levels = top + 1
+        kv_level = None if kv_level is None else kv_level.clamp(max=top)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if bias is not None:
         bias = bias.to(q.dtype)
