@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -55,6 +57,25 @@ ASSIGNMENTS = ("quota", "threshold")
 # PSA's levels: a key block at full resolution (1), pooled in groups of 2, 4 or 8 tokens, or skipped (0).
 POOL_FACTORS = (1, 2, 4, 8)
 REORDERS = ("gilbert", "tiles", "none")
+
+
+def _sequence(name: str, values: object) -> tuple:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence, got {values!r}")
+    return tuple(values)
+
+
+def _numbers(name: str, values: object) -> tuple[float, ...]:
+    values = _sequence(name, values)
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in values):
+        raise TypeError(f"{name} must hold numbers, got {values!r}")
+    return tuple(float(x) for x in values)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass
@@ -99,13 +120,22 @@ class PSAConfig:
     warmup_steps: int = 15
 
     def __post_init__(self) -> None:
-        self.level_bounds = tuple(float(x) for x in self.level_bounds)
-        self.similarity_thresholds = tuple(float(x) for x in self.similarity_thresholds)
-        self.tile_size = tuple(int(x) for x in self.tile_size)
+        # Every field is checked for type as well as range: a float tile size or `block_q=True` used to pass as
+        # an int, NaN similarity thresholds disabled pooling without a word.
+        self.level_bounds = _numbers("level_bounds", self.level_bounds)
+        self.similarity_thresholds = _numbers("similarity_thresholds", self.similarity_thresholds)
+        self.tile_size = tuple(_integer("tile_size", x) for x in _sequence("tile_size", self.tile_size))
+        _integer("block_q", self.block_q)
+        if _integer("block_k", self.block_k) <= 0 or self.block_k % max(POOL_FACTORS):
+            raise ValueError(f"block_k must be a positive multiple of {max(POOL_FACTORS)}, got {self.block_k!r}")
+        _integer("sample_stride", self.sample_stride)
+        _integer("warmup_steps", self.warmup_steps)
+        if not isinstance(self.use_similarity, bool):
+            raise TypeError(f"use_similarity must be a bool, got {self.use_similarity!r}")
+        if isinstance(self.min_full_fraction, bool) or not isinstance(self.min_full_fraction, numbers.Real):
+            raise TypeError(f"min_full_fraction must be a number in [0, 1], got {self.min_full_fraction!r}")
         if not (isinstance(self.block_q, int) and self.block_q > 0):
             raise ValueError(f"block_q must be a positive int, got {self.block_q!r}")
-        if not (isinstance(self.block_k, int) and self.block_k > 0 and self.block_k % max(POOL_FACTORS) == 0):
-            raise ValueError(f"block_k must be a positive multiple of {max(POOL_FACTORS)}, got {self.block_k!r}")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         bounds = self.level_bounds
@@ -115,8 +145,11 @@ class PSAConfig:
             raise ValueError(f"min_full_fraction must lie in [0, 1], got {self.min_full_fraction}")
         if not (isinstance(self.sample_stride, int) and self.sample_stride > 0):
             raise ValueError(f"sample_stride must be a positive int, got {self.sample_stride!r}")
-        if len(self.similarity_thresholds) != 3:
-            raise ValueError(f"similarity_thresholds must be 3 numbers (2x, 4x, 8x), got {self.similarity_thresholds}")
+        if len(self.similarity_thresholds) != 3 or any(not -1.0 <= x <= 1.0 for x in self.similarity_thresholds):
+            raise ValueError(
+                f"similarity_thresholds must be 3 cosine similarities in [-1, 1] (2x, 4x, 8x), got "
+                f"{self.similarity_thresholds}"
+            )
         if self.reorder not in REORDERS:
             raise ValueError(f"reorder must be one of {REORDERS}, got {self.reorder!r}")
         if len(self.tile_size) != 3 or min(self.tile_size) < 1:
