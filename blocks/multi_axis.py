@@ -29,7 +29,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, SEModule, to_2tuple
+from timm.layers import DropPath, SEModule, resize_rel_pos_bias_table, to_2tuple
 
 from kernels.fused_pointwise import (
     bn_pointwise_conv_bn_gelu,
@@ -128,12 +128,29 @@ class RelativePositionBias2d(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros(num_heads, 2 * h - 1, 2 * w - 1, device=device, dtype=dtype)
         )
+        self.register_buffer("index", self._offset_index(h, w, device), persistent=False)
+        nn.init.normal_(self.relative_position_bias_table, std=0.02)
+
+    @staticmethod
+    def _offset_index(h: int, w: int, device: torch.device | str | None) -> torch.Tensor:
         rows = torch.arange(h, device=device).repeat_interleave(w)
         cols = torch.arange(w, device=device).repeat(h)
         offset_rows = rows[None, :] - rows[:, None] + h - 1
         offset_cols = cols[None, :] - cols[:, None] + w - 1
-        self.register_buffer("index", offset_rows * (2 * w - 1) + offset_cols, persistent=False)
-        nn.init.normal_(self.relative_position_bias_table, std=0.02)
+        return offset_rows * (2 * w - 1) + offset_cols
+
+    def set_size(self, size: int | tuple[int, int]) -> None:
+        """Change the window to `size`, resizing the table as timm resizes its MaxViT tables."""
+        size = to_2tuple(size)
+        if tuple(size) == tuple(self.size):
+            return
+        table = self.relative_position_bias_table
+        shape = (table.shape[0], 2 * size[0] - 1, 2 * size[1] - 1)
+        with torch.no_grad(), torch.device(table.device):
+            resized = resize_rel_pos_bias_table(table.detach(), new_window_size=size, new_bias_shape=shape)
+        self.relative_position_bias_table = nn.Parameter(resized.to(table.dtype), requires_grad=table.requires_grad)
+        self.size = tuple(size)
+        self.index = self._offset_index(size[0], size[1], self.index.device)
 
     def forward(self) -> torch.Tensor:
         """Returns the bias (heads, h * w, h * w), queries along dim 1."""
@@ -198,6 +215,11 @@ class PartitionAttention(nn.Module):
         self.rel_pos = RelativePositionBias2d(self.num_heads, self.size, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def set_partition_size(self, size: int | tuple[int, int]) -> None:
+        """Change the window P (or grid G); the relative-position table is resized to match."""
+        self.size = to_2tuple(size)
+        self.rel_pos.set_size(self.size)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return window_partition(x, self.size) if self.partition == "block" else grid_partition(x, self.size)

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 
 from ..checkpoint import load_state_dict_file
 
@@ -272,6 +273,41 @@ class StagedBackbone(nn.Module):
 
     stage_format = "NCHW"
     grad_checkpointing = False
+    img_size: tuple[int, int] = (224, 224)
+    # Window, grid and stripe sizes derived from the input size are its side divided by this (the final stride).
+    partition_ratio = 32
+
+    def _partition_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The side of a last-stage map of an img_size input: the window/grid/stripe size the authors use there."""
+        return tuple(max(1, s // self.partition_ratio) for s in img_size)
+
+    def _set_input_size(self, img_size: tuple[int, int], **sizes) -> dict:
+        """Apply a new nominal input size to the layers that depend on it; return the sizes now in use.
+
+        Families whose layers do not depend on the input size (BiFormer's region count, FocalNet's
+        kernels, LITv2's HiLo windows) only record it; others override this.
+        """
+        if sizes:
+            raise TypeError(f"{type(self).__name__}.set_input_size takes only img_size, got {sorted(sizes)}")
+        return {}
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, **sizes) -> None:
+        """Set the nominal input size as timm's `set_input_size` does: the window, grid or stripe sizes and
+        relative-position tables derived from it follow (tables resized by timm's `resize_rel_pos_bias_table`).
+
+        Args:
+            img_size: (H, W) or side; None keeps the current one.
+            sizes: family-specific partition sizes overriding the derived ones (`window_size`, `grid_size`
+                for MaxViT, `window_size` for DaViT, `split_sizes` for CSWin).
+        """
+        if img_size is not None:
+            img_size = to_2tuple(img_size)
+            if len(img_size) != 2 or min(img_size) < 1:
+                raise ValueError(f"img_size must be a positive side or (H, W), got {img_size}")
+            self.img_size = tuple(int(s) for s in img_size)
+        used = self._set_input_size(self.img_size, **sizes)
+        update_model_input_size(self, self.img_size, **used)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath
+from timm.layers import ClassifierHead, DropPath, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks._mlp import ResidualMlp
@@ -133,6 +133,7 @@ class BiFormer(StagedBackbone):
         n_win: regions per side for routing attention.
         mlp_ratio: MLP hidden width / channels.
         side_dwconv: LCE kernel size.
+        img_size: nominal input size (recorded for timm; routing uses n_win regions per side at any size).
         in_chans: input channels.
         num_classes: classifier outputs (0 for none).
         global_pool: pooling type of the head ('avg' as in the paper).
@@ -149,6 +150,7 @@ class BiFormer(StagedBackbone):
         n_win: int = 7,
         mlp_ratio: float = 3.0,
         side_dwconv: int = 5,
+        img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -164,6 +166,7 @@ class BiFormer(StagedBackbone):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.min_input_size = 32
+        self.img_size = to_2tuple(img_size)
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, **dd),
             nn.BatchNorm2d(embed_dims[0] // 2, **dd),

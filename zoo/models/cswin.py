@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.cross_shaped import CrossShapedWindowAttention
@@ -155,7 +155,9 @@ class CSWin(StagedBackbone):
         embed_dim: channels of the first stage (doubled at each merge).
         depths: blocks per stage.
         num_heads: attention heads per stage.
-        split_sizes: stripe width per stage (the last stage attends over the whole map).
+        split_sizes: stripe width per stage (the last stage attends over the whole map); None for the
+            authors' choice at img_size: (1, 2, side / 32, side / 32), i.e. (1, 2, 7, 7) at 224, (1, 2, 12, 12) at 384.
+        img_size: nominal input size.
         mlp_ratio: MLP hidden width / channels.
         qkv_bias: bias in the q/k/v projections.
         qk_scale: logit scale override.
@@ -174,7 +176,8 @@ class CSWin(StagedBackbone):
         embed_dim: int = 64,
         depths: Sequence[int] = (1, 2, 21, 1),
         num_heads: Sequence[int] = (2, 4, 8, 16),
-        split_sizes: Sequence[int] = (1, 2, 7, 7),
+        split_sizes: Sequence[int] | None = None,
+        img_size: int | tuple[int, int] = 224,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
@@ -193,6 +196,8 @@ class CSWin(StagedBackbone):
         self.in_chans = in_chans
         self.grad_checkpointing = False
         self.min_input_size = 32
+        self.img_size = to_2tuple(img_size)
+        split_sizes = self._split_sizes(self.img_size, split_sizes, len(depths))
         self.stem = ConvNorm(in_chans, embed_dim, 7, 4, 2, **dd)
         dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages, self.feature_info = [], []
@@ -225,6 +230,21 @@ class CSWin(StagedBackbone):
         self.norm = nn.LayerNorm(in_dim, **dd)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, **dd)
         self.apply(self._init_weights)
+
+    def _split_sizes(self, img_size: tuple[int, int], split_sizes: Sequence[int] | None, stages: int) -> tuple:
+        if split_sizes is not None:
+            if len(split_sizes) != stages:
+                raise ValueError(f"split_sizes needs one entry per stage ({stages}), got {tuple(split_sizes)}")
+            return tuple(int(s) for s in split_sizes)
+        # The authors' stripes: 1 and 2 in the first stages, the last-stage side from the third (7 at 224, 12 at 384).
+        return (1, 2, *[min(self._partition_size(img_size))] * (stages - 2))
+
+    def _set_input_size(self, img_size: tuple[int, int], split_sizes: Sequence[int] | None = None) -> dict:
+        split_sizes = self._split_sizes(img_size, split_sizes, len(self.stages))
+        for stage, split in zip(self.stages, split_sizes, strict=True):
+            for block in stage.blocks:
+                block.attn.split_size = split
+        return dict(split_sizes=split_sizes)
 
 
 def _shift_stage(match: re.Match) -> str:
@@ -264,7 +284,7 @@ def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWin:
 def _cfg(url: str = "", **kwargs) -> dict:
     return backbone_cfg(
         url,
-        crop_pct=0.9,
+        crop_pct=kwargs.pop("crop_pct", 0.9),
         first_conv="stem.conv",
         paper_ids="arXiv:2107.00652",
         paper_name="CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
@@ -291,6 +311,21 @@ default_cfgs = generate_default_cfgs(
             num_classes=21841,
             notes=("ImageNet-22k pre-trained classifier (21841 classes)",),
         ),
+        # The 384 fine-tunes (stripes of 12 in stage 3, the official CSWin_*_384 and its cfg: crop 1.0).
+        "zoo_cswin_b_384.in1k": _cfg(
+            url=_RELEASE.format("cswin_base_384.pth"),
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+            notes=("ImageNet-1k top-1 85.5 (authors' README)",),
+        ),
+        "zoo_cswin_l_384.in22k_ft_in1k": _cfg(
+            url=_RELEASE.format("cswin_large_384.pth"),
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+            notes=("ImageNet-22k pre-trained, ImageNet-1k fine-tuned at 384; top-1 87.5 (authors' README)",),
+        ),
     }
 )
 
@@ -298,26 +333,40 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def zoo_cswin_t(pretrained: bool = False, **kwargs) -> CSWin:
     """CSWin-T: 22.3 M parameters, 4.3 GFLOPs, 82.7% ImageNet-1k top-1 (official CSWin_64_12211_tiny_224)."""
-    model_args = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), split_sizes=(1, 2, 7, 7))
+    model_args = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16))
     return _create_cswin("zoo_cswin_t", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def zoo_cswin_s(pretrained: bool = False, **kwargs) -> CSWin:
     """CSWin-S: 34.6 M parameters, 6.9 GFLOPs, 83.6% ImageNet-1k top-1 (official CSWin_64_24322_small_224)."""
-    model_args = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), split_sizes=(1, 2, 7, 7))
+    model_args = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16))
     return _create_cswin("zoo_cswin_s", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def zoo_cswin_b(pretrained: bool = False, **kwargs) -> CSWin:
     """CSWin-B: 77.4 M parameters, 15.0 GFLOPs, 84.2% ImageNet-1k top-1 (official CSWin_96_24322_base_224)."""
-    model_args = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), split_sizes=(1, 2, 7, 7))
+    model_args = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32))
     return _create_cswin("zoo_cswin_b", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def zoo_cswin_l(pretrained: bool = False, **kwargs) -> CSWin:
     """CSWin-L: 173.3 M parameters, 31.5 GFLOPs, 86.5% top-1 after ImageNet-22k (official CSWin_144_24322_large_224)."""
-    model_args = dict(embed_dim=144, depths=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), split_sizes=(1, 2, 7, 7))
+    model_args = dict(embed_dim=144, depths=(2, 4, 32, 2), num_heads=(6, 12, 24, 24))
     return _create_cswin("zoo_cswin_l", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_cswin_b_384(pretrained: bool = False, **kwargs) -> CSWin:
+    """CSWin-B at 384 x 384 (stripes 1, 2, 12, 12): 47.0 GFLOPs, 85.5% ImageNet-1k top-1 (CSWin_96_24322_base_384)."""
+    model_args = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), img_size=384)
+    return _create_cswin("zoo_cswin_b_384", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_cswin_l_384(pretrained: bool = False, **kwargs) -> CSWin:
+    """CSWin-L at 384 x 384: 96.8 GFLOPs, 87.5% top-1 after ImageNet-22k (CSWin_144_24322_large_384)."""
+    model_args = dict(embed_dim=144, depths=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), img_size=384)
+    return _create_cswin("zoo_cswin_l_384", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -20,11 +20,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, NormMlpClassifierHead
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from blocks.dual import ChannelBlock, SpatialBlock
+from blocks.dual import ChannelBlock, SpatialBlock, WindowAttention
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
 
@@ -134,7 +134,8 @@ class DaVit(StagedBackbone):
         depths: (spatial, channel) block pairs per stage.
         embed_dims: channels per stage.
         num_heads: heads (spatial) and channel groups (channel) per stage.
-        window_size: spatial attention window side.
+        window_size: spatial attention window side; None for img_size / 32 (7 at 224, 12 at 384).
+        img_size: nominal input size.
         mlp_ratio: MLP hidden width / channels.
         qkv_bias: bias of the q/k/v projections.
         in_chans: input channels.
@@ -152,7 +153,8 @@ class DaVit(StagedBackbone):
         depths: Sequence[int] = (1, 1, 3, 1),
         embed_dims: Sequence[int] = (96, 192, 384, 768),
         num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 7,
+        window_size: int | None = None,
+        img_size: int | tuple[int, int] = 224,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         in_chans: int = 3,
@@ -173,6 +175,8 @@ class DaVit(StagedBackbone):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.min_input_size = 1  # every stride and window pads
+        self.img_size = to_2tuple(img_size)
+        window_size = window_size if window_size is not None else min(self._partition_size(self.img_size))
         self.stem = DaVitStem(in_chans, embed_dims[0], **dd)
         rates = torch.linspace(0, drop_path_rate, 2 * sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
@@ -208,6 +212,13 @@ class DaVit(StagedBackbone):
             **dd,
         )
         self.apply(self._init_weights)
+
+    def _set_input_size(self, img_size: tuple[int, int], window_size: int | None = None) -> dict:
+        window_size = window_size if window_size is not None else min(self._partition_size(img_size))
+        for module in self.stages.modules():
+            if isinstance(module, WindowAttention):
+                module.window_size = to_2tuple(window_size)
+        return dict(window_size=window_size)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead
+from timm.layers import ClassifierHead, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.focal_modulation import FocalNetBlock
@@ -134,6 +134,7 @@ class FocalNet(StagedBackbone):
         use_post_norm_in_modulation: LayerNorm inside the modulation (official `use_postln_in_modulation`).
         normalize_modulator: divide the aggregated context by the number of levels.
         layerscale_value: initial layer scale (official `use_layerscale`, `layerscale_value`); None for none.
+        img_size: nominal input size (recorded for timm; focal kernels do not depend on it).
         in_chans: input channels.
         num_classes: classifier outputs (0 for none).
         global_pool: pooling type of the head ('avg' as in the paper).
@@ -156,6 +157,7 @@ class FocalNet(StagedBackbone):
         use_post_norm_in_modulation: bool = False,
         normalize_modulator: bool = False,
         layerscale_value: float | None = None,
+        img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -179,6 +181,7 @@ class FocalNet(StagedBackbone):
         self.use_post_norm = use_post_norm
         # Each strided conv needs one whole stride: 4 for the stem, then 2 per later stage.
         self.min_input_size = 2 ** (len(depths) + 1)
+        self.img_size = to_2tuple(img_size)
         self.stem = FocalNetDownsample(in_chans, dims[0], stride=4, overlap=use_overlap_down, **dd)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
@@ -269,7 +272,7 @@ def _create_focalnet(variant: str, pretrained: bool = False, **kwargs) -> FocalN
 def _cfg(url: str = "", **kwargs) -> dict:
     return backbone_cfg(
         url,
-        crop_pct=0.875,
+        crop_pct=kwargs.pop("crop_pct", 0.875),
         first_conv="stem.proj",
         paper_ids="arXiv:2203.11926",
         paper_name="Focal Modulation Networks",
@@ -290,6 +293,24 @@ default_cfgs = generate_default_cfgs(
         "zoo_focalnet_t_srf.in1k": _cfg(url=_RELEASE.format("focalnet_tiny_srf"), notes=("ImageNet-1k top-1 82.1",)),
         "zoo_focalnet_s_srf.in1k": _cfg(url=_RELEASE.format("focalnet_small_srf"), notes=("ImageNet-1k top-1 83.4",)),
         "zoo_focalnet_b_srf.in1k": _cfg(url=_RELEASE.format("focalnet_base_srf"), notes=("ImageNet-1k top-1 83.7",)),
+        # The ImageNet-22k pre-trained large models (21842 classes, the first 1000 ordered as ImageNet-1k's;
+        # README of microsoft/FocalNet, "ImageNet-22K Pretraining"). No ImageNet-1k head was released.
+        **{
+            f"zoo_focalnet_{size}_{fl}.in22k": _cfg(
+                url=_RELEASE.format(file),
+                input_size=(3, 384, 384),
+                pool_size=(12, 12),
+                crop_pct=1.0,
+                num_classes=21842,
+                notes=("ImageNet-22k pre-trained classifier (21842 classes)", f"timm's port: {timm_name}.ms_in22k"),
+            )
+            for size, fl, file, timm_name in (
+                ("l", "fl3", "focalnet_large_lrf_384", "focalnet_large_fl3"),
+                ("l", "fl4", "focalnet_large_lrf_384_fl4", "focalnet_large_fl4"),
+                ("xl", "fl3", "focalnet_xlarge_lrf_384", "focalnet_xlarge_fl3"),
+                ("xl", "fl4", "focalnet_xlarge_lrf_384_fl4", "focalnet_xlarge_fl4"),
+            )
+        },
     }
 )
 
@@ -337,3 +358,38 @@ def zoo_focalnet_b_srf(pretrained: bool = False, **kwargs) -> FocalNet:
     """FocalNet-B (SRF): 88.1 M parameters, 15.3 GFLOPs, 83.7% ImageNet-1k top-1."""
     model_args = dict(depths=(2, 2, 18, 2), embed_dim=128, **_SRF)
     return _create_focalnet("zoo_focalnet_b_srf", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# The authors' large-model configs (configs/focalnet_{large,xlarge}_fl{3,4}.yaml): overlapping convs, post-norms,
+# layer scale 1e-4; fl3 with focal kernels from 5, fl4 from 3; L-fl4 also normalises its modulator.
+_LARGE = dict(depths=(2, 2, 18, 2), use_overlap_down=True, use_post_norm=True, layerscale_value=1e-4, img_size=384)
+_FL3 = dict(focal_levels=(3, 3, 3, 3), focal_windows=(5, 5, 5, 5))
+_FL4 = dict(focal_levels=(4, 4, 4, 4), focal_windows=(3, 3, 3, 3))
+
+
+@register_model
+def zoo_focalnet_l_fl3(pretrained: bool = False, **kwargs) -> FocalNet:
+    """FocalNet-L (3 focal levels), ImageNet-22k pre-trained at 384 x 384."""
+    model_args = dict(embed_dim=192, **_LARGE, **_FL3)
+    return _create_focalnet("zoo_focalnet_l_fl3", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_focalnet_l_fl4(pretrained: bool = False, **kwargs) -> FocalNet:
+    """FocalNet-L (4 focal levels, normalised modulator), ImageNet-22k pre-trained at 384 x 384."""
+    model_args = dict(embed_dim=192, normalize_modulator=True, **_LARGE, **_FL4)
+    return _create_focalnet("zoo_focalnet_l_fl4", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_focalnet_xl_fl3(pretrained: bool = False, **kwargs) -> FocalNet:
+    """FocalNet-XL (3 focal levels), ImageNet-22k pre-trained at 384 x 384."""
+    model_args = dict(embed_dim=256, **_LARGE, **_FL3)
+    return _create_focalnet("zoo_focalnet_xl_fl3", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_focalnet_xl_fl4(pretrained: bool = False, **kwargs) -> FocalNet:
+    """FocalNet-XL (4 focal levels), ImageNet-22k pre-trained at 384 x 384."""
+    model_args = dict(embed_dim=256, **_LARGE, **_FL4)
+    return _create_focalnet("zoo_focalnet_xl_fl4", pretrained=pretrained, **dict(model_args, **kwargs))

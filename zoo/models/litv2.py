@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath
+from timm.layers import ClassifierHead, DropPath, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks._layout import pad_to_multiple
@@ -159,6 +159,7 @@ class LITv2(StagedBackbone):
         mlp_ratio: ConvFFN hidden width / channels.
         qkv_bias: bias in the q/k/v projections.
         qk_scale: logit scale override.
+        img_size: nominal input size (recorded for timm; HiLo windows do not depend on it).
         in_chans: input channels.
         num_classes: classifier outputs (0 for none).
         global_pool: pooling type of the head ('avg' as in the paper).
@@ -179,6 +180,7 @@ class LITv2(StagedBackbone):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
+        img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -194,6 +196,7 @@ class LITv2(StagedBackbone):
         self.grad_checkpointing = False
         # Three token mergings need a map of at least 8 x 8 after the stem.
         self.min_input_size = 32
+        self.img_size = to_2tuple(img_size)
         self.stem = PatchEmbed(in_chans, embed_dim, **dd)
         dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages, self.feature_info = [], []
@@ -264,7 +267,7 @@ def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
 def _cfg(url: str = "", **kwargs) -> dict:
     return backbone_cfg(
         url,
-        crop_pct=0.875,
+        crop_pct=kwargs.pop("crop_pct", 0.875),
         first_conv="stem.conv",
         paper_ids="arXiv:2205.13213",
         paper_name="Fast Vision Transformers with HiLo Attention",
@@ -282,6 +285,14 @@ default_cfgs = generate_default_cfgs(
         "zoo_litv2_s.in1k": _cfg(url=_RELEASE.format("litv2_s.pth"), notes=("ImageNet-1k top-1 82.0 (paper)",)),
         "zoo_litv2_m.in1k": _cfg(url=_RELEASE.format("litv2_m.pth"), notes=("ImageNet-1k top-1 83.3 (paper)",)),
         "zoo_litv2_b.in1k": _cfg(url=_RELEASE.format("litv2_b.pth"), notes=("ImageNet-1k top-1 83.6 (paper)",)),
+        # Fine-tuned at 384 (configs/litv2-base-finetune-384.yaml: same windows; evaluated without a crop).
+        "zoo_litv2_b_384.in1k": _cfg(
+            url=_RELEASE.format("litv2_b_384.pth"),
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+            notes=("ImageNet-1k top-1 84.7 (paper)",),
+        ),
     }
 )
 
@@ -307,3 +318,10 @@ def zoo_litv2_b(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-B: 86.5 M parameters, 13.2 GFLOPs, 83.6% ImageNet-1k top-1."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_ARGS)
     return _create_litv2("zoo_litv2_b", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def zoo_litv2_b_384(pretrained: bool = False, **kwargs) -> LITv2:
+    """LITv2-B at 384 x 384: 86.5 M parameters, 39.7 GFLOPs, 84.7% ImageNet-1k top-1."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), img_size=384, **_ARGS)
+    return _create_litv2("zoo_litv2_b_384", pretrained=pretrained, **dict(model_args, **kwargs))

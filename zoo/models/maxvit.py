@@ -37,7 +37,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm2d, NormMlpClassifierHead
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, resize_rel_pos_bias_table, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.multi_axis import MaxViTBlock, TfSameConv2d
@@ -121,8 +121,10 @@ class MaxViT(StagedBackbone):
         embed_dims: channels per stage.
         stem_width: channels of the stem.
         head_dim: channels per attention head.
-        window_size: block-attention window P (7 at 224 x 224).
-        grid_size: grid-attention grid G (7 at 224 x 224).
+        img_size: nominal input size; the window and grid default to its side / 32 (7 at 224, 12 at 384,
+            16 at 512, as the official models).
+        window_size: block-attention window P; None for img_size / 32.
+        grid_size: grid-attention grid G; None for img_size / 32.
         mlp_ratio: MLP hidden width / channels.
         expand_ratio: MBConv hidden width / channels.
         se_ratio: squeeze-excitation bottleneck / channels.
@@ -143,8 +145,9 @@ class MaxViT(StagedBackbone):
         embed_dims: Sequence[int] = (64, 128, 256, 512),
         stem_width: int = 64,
         head_dim: int = 32,
-        window_size: int | tuple[int, int] = 7,
-        grid_size: int | tuple[int, int] = 7,
+        img_size: int | tuple[int, int] = 224,
+        window_size: int | tuple[int, int] | None = None,
+        grid_size: int | tuple[int, int] | None = None,
         mlp_ratio: float = 4.0,
         expand_ratio: float = 4.0,
         se_ratio: float = 0.25,
@@ -166,6 +169,10 @@ class MaxViT(StagedBackbone):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.min_input_size = 32
+        self.img_size = to_2tuple(img_size)
+        partition = self._partition_size(self.img_size)
+        window_size = to_2tuple(window_size) if window_size is not None else partition
+        grid_size = to_2tuple(grid_size) if grid_size is not None else partition
         self.stem = MaxViTStem(in_chans, stem_width, **dd)
         total = sum(depths)
         rates = [drop_path_rate * k / total for k in range(total)]
@@ -218,6 +225,21 @@ class MaxViT(StagedBackbone):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+    def _set_input_size(
+        self,
+        img_size: tuple[int, int],
+        window_size: int | tuple[int, int] | None = None,
+        grid_size: int | tuple[int, int] | None = None,
+    ) -> dict:
+        partition = self._partition_size(img_size)
+        window_size = to_2tuple(window_size) if window_size is not None else partition
+        grid_size = to_2tuple(grid_size) if grid_size is not None else partition
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.attn_block.attn.set_partition_size(window_size)
+                block.attn_grid.attn.set_partition_size(grid_size)
+        return dict(window_size=window_size, grid_size=grid_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,6 +363,26 @@ def _from_official(state_dict: dict[str, torch.Tensor], model: MaxViT) -> dict[s
     return converted
 
 
+def _resize_table(table: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A (heads, 2P - 1, 2P - 1) relative-bias table resized to shape with timm's `resize_rel_pos_bias_table`."""
+    window = ((shape[1] + 1) // 2, (shape[2] + 1) // 2)
+    with torch.device(table.device):  # also under a meta-device context (the result stays with the table)
+        return resize_rel_pos_bias_table(table, new_window_size=window, new_bias_shape=tuple(shape))
+
+
+def _resize_official_tables(state_dict: dict, model: MaxViT) -> dict:
+    # The official relative biases are (heads, 2P - 1, 2P - 1) as ours; resized to the model's windows
+    # before conversion so that a 224 release loads into a 384 or 512 model.
+    ours = {official_name(k)[0]: v for k, v in model.state_dict().items() if k.endswith("relative_position_bias_table")}
+    resized = dict(state_dict)
+    for name, value in state_dict.items():
+        target = ours.get(name.removesuffix(":0").removesuffix(_EMA))
+        value = torch.as_tensor(value)
+        if target is not None and value.dim() == 3 and value.shape != target.shape:
+            resized[name] = _resize_table(value, target.shape)
+    return resized
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MaxViT) -> dict[str, torch.Tensor]:
     """Convert an official (TF-named) or timm MaxViT state dict to this model's keys, strictly.
 
@@ -353,9 +395,25 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MaxViT) -> 
         ValueError: naming the first keys whose shapes differ (e.g. a checkpoint of another size).
     """
     if any(k.startswith("maxvit/") for k in state_dict):
-        converted, source = _from_official(state_dict, model), "official MaxViT checkpoint"
+        converted, source = (
+            _from_official(_resize_official_tables(state_dict, model), model),
+            "official MaxViT checkpoint",
+        )
     else:
         converted, source = dict(state_dict), "MaxViT checkpoint"
+    expected = model.state_dict()
+    for key, value in converted.items():
+        # Weights of another resolution (a 224 checkpoint into a 384 model): tables resized as timm does. Tables
+        # of another head count are left for the strict check to name.
+        target = expected.get(key)
+        if (
+            key.endswith("relative_position_bias_table")
+            and target is not None
+            and value.dim() == 3
+            and value.shape[0] == target.shape[0]
+            and value.shape != target.shape
+        ):
+            converted[key] = _resize_table(value, target.shape)
     strict_key_check(converted, model, classifier="head.fc", source=source)
     return converted
 
@@ -381,7 +439,7 @@ def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxViT:
 def _cfg(url: str = "", **kwargs) -> dict:
     return backbone_cfg(
         url,
-        crop_pct=0.95,
+        crop_pct=kwargs.pop("crop_pct", 0.95),
         first_conv="stem.conv1",
         paper_ids="arXiv:2204.01697",
         paper_name="MaxViT: Multi-Axis Vision Transformer",
@@ -395,6 +453,43 @@ def _cfg(url: str = "", **kwargs) -> dict:
 # read; the download URL is timm's conversion of those same weights. ImageNet-1k top-1 from the paper.
 _TIMM_HUB = "https://huggingface.co/timm/{}/resolve/main/pytorch_model.bin"
 _OFFICIAL = "official TensorFlow checkpoint: gs://gresearch/maxvit/ckpts/{}/i1k/224"
+
+_TIMM_NAMES = {"t": "maxvit_tiny_tf", "s": "maxvit_small_tf", "b": "maxvit_base_tf", "l": "maxvit_large_tf"}
+_OFFICIAL_DIRS = {"t": "maxvittiny", "s": "maxvitsmall", "b": "maxvitbase", "l": "maxvitlarge"}
+# The authors' 384 and 512 fine-tunes (ImageNet-1k, and ImageNet-21k -> 1k for B and L); top-1 from the paper.
+_HIRES_TOP1 = {
+    ("t", 384, "in1k"): 85.24,
+    ("t", 512, "in1k"): 85.72,
+    ("s", 384, "in1k"): 85.74,
+    ("s", 512, "in1k"): 86.19,
+    ("b", 384, "in1k"): 86.34,
+    ("b", 512, "in1k"): 86.66,
+    ("l", 384, "in1k"): 86.40,
+    ("l", 512, "in1k"): 86.70,
+    ("b", 384, "in21k_ft_in1k"): 88.24,
+    ("b", 512, "in21k_ft_in1k"): 88.38,
+    ("l", 384, "in21k_ft_in1k"): 88.32,
+    ("l", 512, "in21k_ft_in1k"): 88.46,
+}
+
+
+def _hires_cfg(size: str, res: int, tag: str, top1: float) -> dict:
+    # The high-resolution fine-tunes take inputs normalised to [-1, 1] and resized whole (timm's cfgs).
+    official = "i1k" if tag == "in1k" else "i21k_i1k"
+    return _cfg(
+        url=_TIMM_HUB.format(f"{_TIMM_NAMES[size]}_{res}.{tag}"),
+        input_size=(3, res, res),
+        pool_size=(res // 32, res // 32),
+        crop_pct=1.0,
+        crop_mode="squash",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        notes=(
+            f"ImageNet-1k top-1 {top1} (paper)",
+            f"official TensorFlow checkpoint: gs://gresearch/maxvit/ckpts/{_OFFICIAL_DIRS[size]}/{official}/{res}",
+        ),
+    )
+
 
 default_cfgs = generate_default_cfgs(
     {
@@ -414,6 +509,10 @@ default_cfgs = generate_default_cfgs(
             url=_TIMM_HUB.format("maxvit_large_tf_224.in1k"),
             notes=("ImageNet-1k top-1 85.17 (paper)", _OFFICIAL.format("maxvitlarge")),
         ),
+        **{
+            f"zoo_maxvit_{size}_{res}.{tag}": _hires_cfg(size, res, tag, top1)
+            for (size, res, tag), top1 in _HIRES_TOP1.items()
+        },
     }
 )
 
@@ -444,3 +543,59 @@ def zoo_maxvit_l(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-L: 211.8 M parameters, 43.9 GFLOPs, 85.17% ImageNet-1k top-1."""
     model_args = dict(depths=(2, 6, 14, 2), embed_dims=(128, 256, 512, 1024), stem_width=128)
     return _create_maxvit("zoo_maxvit_l", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+_SIZES = {
+    "t": dict(depths=(2, 2, 5, 2), embed_dims=(64, 128, 256, 512), stem_width=64),
+    "s": dict(depths=(2, 2, 5, 2), embed_dims=(96, 192, 384, 768), stem_width=64),
+    "b": dict(depths=(2, 6, 14, 2), embed_dims=(96, 192, 384, 768), stem_width=64),
+    "l": dict(depths=(2, 6, 14, 2), embed_dims=(128, 256, 512, 1024), stem_width=128),
+}
+
+
+@register_model
+def zoo_maxvit_t_384(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-T at 384 x 384 (12 x 12 windows and grid): 17.7 GFLOPs, 85.24% ImageNet-1k top-1."""
+    return _create_maxvit("zoo_maxvit_t_384", pretrained=pretrained, **dict(_SIZES["t"], img_size=384, **kwargs))
+
+
+@register_model
+def zoo_maxvit_t_512(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-T at 512 x 512 (16 x 16 windows and grid): 33.7 GFLOPs, 85.72% ImageNet-1k top-1."""
+    return _create_maxvit("zoo_maxvit_t_512", pretrained=pretrained, **dict(_SIZES["t"], img_size=512, **kwargs))
+
+
+@register_model
+def zoo_maxvit_s_384(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-S at 384 x 384: 36.1 GFLOPs, 85.74% ImageNet-1k top-1."""
+    return _create_maxvit("zoo_maxvit_s_384", pretrained=pretrained, **dict(_SIZES["s"], img_size=384, **kwargs))
+
+
+@register_model
+def zoo_maxvit_s_512(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-S at 512 x 512: 67.6 GFLOPs, 86.19% ImageNet-1k top-1."""
+    return _create_maxvit("zoo_maxvit_s_512", pretrained=pretrained, **dict(_SIZES["s"], img_size=512, **kwargs))
+
+
+@register_model
+def zoo_maxvit_b_384(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-B at 384 x 384: 74.2 GFLOPs, 86.34% ImageNet-1k top-1 (88.24% from ImageNet-21k)."""
+    return _create_maxvit("zoo_maxvit_b_384", pretrained=pretrained, **dict(_SIZES["b"], img_size=384, **kwargs))
+
+
+@register_model
+def zoo_maxvit_b_512(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-B at 512 x 512: 138.5 GFLOPs, 86.66% ImageNet-1k top-1 (88.38% from ImageNet-21k)."""
+    return _create_maxvit("zoo_maxvit_b_512", pretrained=pretrained, **dict(_SIZES["b"], img_size=512, **kwargs))
+
+
+@register_model
+def zoo_maxvit_l_384(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-L at 384 x 384: 133.1 GFLOPs, 86.40% ImageNet-1k top-1 (88.32% from ImageNet-21k)."""
+    return _create_maxvit("zoo_maxvit_l_384", pretrained=pretrained, **dict(_SIZES["l"], img_size=384, **kwargs))
+
+
+@register_model
+def zoo_maxvit_l_512(pretrained: bool = False, **kwargs) -> MaxViT:
+    """MaxViT-L at 512 x 512: 245.4 GFLOPs, 86.70% ImageNet-1k top-1 (88.46% from ImageNet-21k)."""
+    return _create_maxvit("zoo_maxvit_l_512", pretrained=pretrained, **dict(_SIZES["l"], img_size=512, **kwargs))
