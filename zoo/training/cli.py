@@ -5,6 +5,11 @@
         --trainer.max_epochs 5 --model.lr 1e-3
     python train/cls.py --config configs/cls/zoo_biformer_t_in1k.yaml --data.root /data/imagenet
     python train/cls.py --config ... --ckpt_path last          # resume the newest run in default_root_dir
+    python train/cls.py validate --config ... --model.pretrained_file best.safetensors [--data.root DIR]
+
+`validate` evaluates only (Lightning's validate): it loads `--model.pretrained_file` and reports top-1, top-5
+and loss on the val split, as timm's validate.py does. The eval transform (image size, crop pct, interpolation,
+mean/std) is the model's `pretrained_cfg` where the data settings are left at their defaults.
 
 Later `--config` files and flags override earlier ones; `--print_config` shows the resolved whole. A bad
 key, type, data directory or class folder stops the run before training with one line naming it.
@@ -15,15 +20,19 @@ and last) under `.../checkpoints/`, and the best weights to `.../best.safetensor
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import warnings
 
+import timm
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from timm.data import resolve_data_config
 
 from .checkpointing import AtomicCheckpointIO
 from .classification import ImageClassifier
@@ -52,8 +61,11 @@ def find_last_checkpoint(root_dir: str) -> str:
 class ClassificationCLI(LightningCLI):
     """LightningCLI with the checkpointing, CSV logging and resume conventions of this project."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True):
+    def __init__(self, args: list[str] | None = None, run: bool = True, mode: str = "fit"):
+        if mode not in ("fit", "validate"):
+            raise ValueError(f"mode must be 'fit' or 'validate', got {mode!r}")
         self._run_fit = run
+        self.mode = mode
         super().__init__(
             ImageClassifier,
             ImageClassificationData,
@@ -66,7 +78,7 @@ class ClassificationCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
         if run:
-            self.fit()
+            self.fit() if mode == "fit" else self.validate()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -99,6 +111,28 @@ class ClassificationCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        if self.mode != "validate":
+            return
+        model, data = self.config["model"], self.config["data"]
+        if model.get("pretrained_file"):
+            model["pretrained"] = True
+        elif not model.get("pretrained"):
+            self.parser.error("validate: give the weights to evaluate with --model.pretrained_file FILE")
+        # Eval transform settings left at their defaults take the model's own cfg, as timm's validate.py does.
+        defaults = self.parser.get_defaults()["data"]
+        cfg = _model_data_config(model["model_name"], model.get("model_kwargs"))
+        for key, value in (
+            ("image_size", cfg["input_size"][-1]),
+            ("crop_pct", cfg["crop_pct"]),
+            ("interpolation", cfg["interpolation"]),
+            ("mean", tuple(cfg["mean"])),
+            ("std", tuple(cfg["std"])),
+        ):
+            current = data.get(key)
+            if current == defaults.get(key) or (isinstance(current, list) and tuple(current) == defaults.get(key)):
+                data[key] = value
 
     def instantiate_classes(self) -> None:
         try:
@@ -133,9 +167,43 @@ class ClassificationCLI(LightningCLI):
             sys.stderr.write(f"error: {e}\n")
             sys.exit(1)
 
+    def validate(self) -> dict[str, float]:
+        """Evaluate the loaded weights on the val split; print and return top-1/top-5 (%) and loss."""
+        ckpt_path = self.config.get("ckpt_path")
+        if ckpt_path is not None and not os.path.isfile(ckpt_path):
+            self.parser.error(f"ckpt_path: file {ckpt_path!r} does not exist")
+        metrics = self.trainer.validate(self.model, self.datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+        data = self.datamodule.hparams
+        results = {
+            "model": self.config["model"]["model_name"],
+            "weights": self.config["model"].get("pretrained_file") or ckpt_path,
+            "top1": round(100 * float(metrics["val/acc1"]), 4),
+            "top5": round(100 * float(metrics["val/acc5"]), 4),
+            "loss": round(float(metrics["val/loss"]), 6),
+            "images": len(self.datamodule.val_dataset),
+            "img_size": data.image_size,
+            "crop_pct": data.crop_pct,
+            "interpolation": data.interpolation,
+        }
+        print(f" * Acc@1 {results['top1']:.3f} Acc@5 {results['top5']:.3f} loss {results['loss']:.4f}")
+        print(json.dumps(results))
+        return results
+
+
+def _model_data_config(model_name: str, model_kwargs: dict | None) -> dict:
+    # Built on the meta device: only the cfg is needed, not the weights.
+    with torch.device("meta"):
+        model = timm.create_model(model_name, **dict(model_kwargs or {}))
+    return resolve_data_config({}, model=model)
+
 
 def main(args: list[str] | None = None) -> None:
-    """Parse `args` (default: the command line), build the task, data and trainer, and fit."""
+    """Parse `args` (default: the command line), build the task, data and trainer, and fit or validate.
+
+    A first argument `fit` or `validate` picks the subcommand (`fit` when there is none).
+    """
     # The EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    ClassificationCLI(args=args)
+    args = list(sys.argv[1:] if args is None else args)
+    mode = args.pop(0) if args and args[0] in ("fit", "validate") else "fit"
+    ClassificationCLI(args=args, mode=mode)
