@@ -61,6 +61,20 @@ def _family(arch: str) -> str:
     return arch.split("_")[1] if arch.startswith("zoo_") else arch
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stage_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    """out_indices as non-negative stage numbers; a ValueError names them unless each lies in [-n, n)."""
+    if not isinstance(out_indices, Sequence) or isinstance(out_indices, str):
+        raise TypeError(f"out_indices must be a sequence of stage indices, got {out_indices!r}")
+    indices = tuple(out_indices)
+    if not indices or not all(_is_int(i) and -num_stages <= i < num_stages for i in indices):
+        raise ValueError(f"out_indices must be stage indices in [-{num_stages}, {num_stages}), got {out_indices!r}")
+    return tuple(i % num_stages for i in indices)
+
+
 class DenseBackbone(nn.Module):
     """A timm-registered backbone returning one (B, C_i, H_i, W_i) map per requested stage.
 
@@ -95,9 +109,16 @@ class DenseBackbone(nn.Module):
         super().__init__()
         if not timm.is_model(arch):
             raise ValueError(f"unknown arch {arch!r}; registered zoo models: {timm.list_models('zoo_*')}")
-        self.arch, self.out_indices = arch, tuple(out_indices)
+        self.arch = arch
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
         self.body = timm.create_model(arch, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)
+        num_stages = len(self.body.feature_info)
+        self.out_indices = _stage_indices(out_indices, num_stages)
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(
+                f"frozen_stages must be -1 (none) or 0..{num_stages} (the stem and that many stages), "
+                f"got {frozen_stages!r}"
+            )
         self.body.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
         info = self.body.feature_info
         self.channels = [info[i]["num_chs"] for i in self.out_indices]
