@@ -3,14 +3,16 @@
 `ZOO_KERNELS` names the implementation every op takes (default `auto`):
 
 - `reference`: the plain statement of the op (the oracle; slow, for checking);
-- `torch`: the op's fast PyTorch path, which picks its form itself (`flex` or `gather` for attention);
+- `torch`: the op's fast PyTorch path, which picks its form itself (`flex`, `gather` or `masked` for attention);
 - `flex`: FlexAttention block masks (attention ops; CUDA forward and backward, CPU forward only);
 - `gather`: gathered slots with fused `scaled_dot_product_attention` (attention ops; everywhere);
+- `masked`: one fused `scaled_dot_product_attention` over all keys under an additive block mask (attention
+  ops; everywhere; dense arithmetic, for short sequences);
 - `triton`: the Triton kernels (CUDA, or CPU tensors under `TRITON_INTERPRET=1`, set before `kernels` is
   imported);
 - `auto`: the fastest measured path for the device and grad mode, as each op's dispatch states.
 
-An op without a form of its own for `flex` or `gather` takes its `torch` path for them.
+An op without a form of its own for `flex`, `gather` or `masked` takes its `torch` path for them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import torch
 
 __all__ = ["BACKENDS", "kernel_backend", "needs_grad", "select_backend", "triton_available"]
 
-BACKENDS = ("auto", "reference", "torch", "flex", "gather", "triton")
-_TORCH_FORMS = ("flex", "gather")
+BACKENDS = ("auto", "reference", "torch", "flex", "gather", "masked", "triton")
+_TORCH_FORMS = ("flex", "gather", "masked")
 _log = logging.getLogger("kernels")
 
 

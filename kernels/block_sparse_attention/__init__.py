@@ -8,9 +8,11 @@ and level tables and call `block_sparse_attention`, which checks its inputs once
 - `reference` (`reference.py`): the definition, a masked dense form; the oracle of the tests;
 - `flex` (`torch_impl.py`): FlexAttention with a block mask built from the tables;
 - `gather` (`torch_impl.py`): the listed slots gathered, fused SDPA on them, in slabs in inference;
+- `masked` (`torch_impl.py`): one fused SDPA over the whole key pyramid under an additive block mask (dense
+  arithmetic: the fastest form on short sequences, where gathering costs more than it saves);
 - `triton` (`triton_impl.py`): FlashAttention-style kernels that stream the listed blocks.
 
-`ZOO_KERNELS` forces one (`torch`: the faster of flex and gather for the call); `auto` takes the measured
+`ZOO_KERNELS` forces one (`torch`: the fastest of flex, gather and masked for the call); `auto` takes the measured
 choice (`_backend_for`). Which path ran is logged at debug level on the "kernels" logger.
 """
 
@@ -24,26 +26,48 @@ import torch.nn.functional as F
 
 from .._backend import kernel_backend, needs_grad, select_backend
 from .reference import block_sparse_attention_reference
-from .torch_impl import FlexCompileError, block_sparse_attention_flex, block_sparse_attention_gather, flex_available
+from .torch_impl import (
+    FlexCompileError,
+    block_sparse_attention_flex,
+    block_sparse_attention_gather,
+    block_sparse_attention_masked,
+    flex_available,
+)
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_flex",
     "block_sparse_attention_gather",
+    "block_sparse_attention_masked",
     "block_sparse_attention_reference",
     "tables_from_level_map",
 ]
 
-OP_BACKENDS = ("reference", "torch", "flex", "gather", "triton")
+OP_BACKENDS = ("reference", "torch", "flex", "gather", "masked", "triton")
 # FlexAttention's compiled CPU kernel walks key blocks one at a time: below this many tokens per block (BiFormer's
 # 4- and 16-token regions) the gathered slots with one fused SDPA are faster (benchmarks/sparse_attention_cpu.py).
 _FLEX_MIN_BLOCK = 32
 
 
-def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: bool) -> str:
-    """The faster PyTorch form, as measured (benchmarks/sparse_attention_cpu.py): FlexAttention where it has
-    the pass, the blocks are large enough and no entry is pooled (pooled slots of several key blocks share one
+# On the CPU, a call whose masked dense form holds at most this many (query, pyramid key) pairs per head takes
+# it: gathering costs more than the keys it saves there (measured: BiFormer's 196-token third stage, 4-token
+# regions, a third routed, 2-3x faster masked; its 784-token second stage, a twelfth routed, 2-3x faster gathered).
+_MASKED_MAX_PAIRS = 2**16
+
+
+def _masked_pairs(lq: int, lk: int, block_k: int, num_levels: int) -> int:
+    """(query, key) pairs of the masked form: Lq times the pyramid of every level."""
+    blocks = -(-lk // block_k)
+    return lq * sum(blocks * -(-block_k // (1 << p)) for p in range(num_levels))
+
+
+def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: bool, pairs: int = 0) -> str:
+    """The fastest PyTorch form, as measured (benchmarks/sparse_attention_cpu.py, benchmarks/biformer_vs_official.py):
+    on the CPU the masked dense form for small calls (`pairs` below `_MASKED_MAX_PAIRS`); FlexAttention where it
+    has the pass, the blocks are large enough and no entry is pooled (pooled slots of several key blocks share one
     of its mask blocks, so the gathered slots with one fused SDPA are faster on the CPU); else gather."""
+    if device == "cpu" and pairs <= _MASKED_MAX_PAIRS:
+        return "masked"
     if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
         return "gather"
     if device == "cuda":
@@ -54,19 +78,22 @@ def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: boo
     return "gather"
 
 
-def _backend_for(q, k, v, bias, block_q: int, block_k: int, pooled: bool) -> str:
+def _backend_for(q, k, v, bias, block_q: int, block_k: int, num_levels: int) -> str:
+    pooled = num_levels > 1
+    pairs = _masked_pairs(q.shape[2], k.shape[2], block_k, num_levels)
+
     def auto(device: str, grad: bool) -> str:
         from .._backend import triton_available
 
         if device == "cuda" and triton_available():
             return "triton"  # the peer of FlexAttention on CUDA: benchmarks/gpu.sh measures both
-        return _torch_form(device, grad, block_q, block_k, pooled)
+        return _torch_form(device, grad, block_q, block_k, pooled, pairs)
 
     inputs = [t for t in (q, k, v, bias) if t is not None]  # a bias that requires grad makes it training too
     backend = select_backend("block_sparse_attention", *inputs, backends=OP_BACKENDS, auto=auto)
     if backend == "torch":
         device = "cuda" if q.is_cuda else q.device.type
-        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled)
+        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled, pairs)
         if not torch.compiler.is_compiling():
             logging.getLogger("kernels").debug("block_sparse_attention: torch path is %s", backend)
     if backend in ("flex", "triton") and q.device.type == "meta":
@@ -206,7 +233,7 @@ def block_sparse_attention(
         if needs_grad(q, k, v, bias):
             out = out + sum(t.flatten()[:0].sum() for t in (q, k, v, bias) if t is not None)
         return out
-    backend = _backend_for(q, k, v, bias, block_q, block_k, pooled=num_levels > 1)
+    backend = _backend_for(q, k, v, bias, block_q, block_k, num_levels)
     if backend == "triton":
         from .triton_impl import block_sparse_attention_triton
 
@@ -227,6 +254,8 @@ def block_sparse_attention(
             return block_sparse_attention_gather(*args)
     if backend == "gather":
         return block_sparse_attention_gather(*args)
+    if backend == "masked":
+        return block_sparse_attention_masked(*args)
     return block_sparse_attention_reference(*args)
 
 

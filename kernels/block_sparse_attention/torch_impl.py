@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .._backend import needs_grad
 
-__all__ = ["FlexCompileError", "block_sparse_attention_flex", "block_sparse_attention_gather", "flex_available"]
+__all__ = [
+    "FlexCompileError",
+    "block_sparse_attention_flex",
+    "block_sparse_attention_gather",
+    "block_sparse_attention_masked",
+    "flex_available",
+]
 
 # Below this many gathered key elements per slab (16 MiB in fp32) slabbing saves little and costs launches.
 MIN_SLAB_ELEMENTS = 2**22
@@ -106,16 +113,26 @@ def _select_level(index: torch.Tensor, level: torch.Tensor, p: int) -> tuple[tor
     return index.gather(-1, order).clamp_min(0), torch.arange(c, device=index.device) < count.unsqueeze(-1)
 
 
-def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: int):
+class _Listed(NamedTuple):
+    """The key pyramid and what every query block lists of it (see `_listed_slots`)."""
+
+    keys: torch.Tensor  # (B, H, S, D): the levels in use laid end to end
+    values: torch.Tensor  # (B, H, S, Dv)
+    rows: torch.Tensor  # (B or 1, H or 1, Mq, W / unit): listed runs of `unit` slots
+    mask: torch.Tensor | None  # (B or 1, H or 1, Mq, W): log of each slot's tokens, -inf if empty; None: all 0
+    bias: torch.Tensor | None  # (Hb, bq, W): the bias columns of every listed slot
+    unit: int
+    levels: tuple[int, ...]  # the pyramid's levels, in order
+
+
+def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: int) -> _Listed | None:
     """The levels in use laid end to end (the pyramid) and, per query block, the pyramid rows it lists.
 
     Rows are runs of `unit` consecutive slots (the largest size dividing a block at every level in use), so
     that gathering is a copy of whole rows (`index_select`) straight into one (B, H, m, W, D) tensor.
 
     Returns:
-        None when nothing is listed, else (keys (B, H, S, D), values (B, H, S, Dv), rows (B or 1, H or 1, Mq,
-        W / unit), mask (B or 1, H or 1, Mq, W): log of each slot's tokens, -inf for empty slots, or None when
-        all are zero, bias (Hb, bq, W) or None, unit).
+        None when nothing is listed, else the pyramid and the listed rows (`_Listed`).
     """
     lk = k.shape[2]
     mk = _cdiv(lk, block_k)
@@ -152,13 +169,14 @@ def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: i
         # keeps SDPA on its unmasked kernel.
         if mask.device.type != "meta" and bool((mask == 0).all()):
             mask = None
-    return keys, values, _cat(rows, -1), mask, _cat(biases, -1) if biases else None, unit
+    levels = tuple(p for p, _ in selected)
+    return _Listed(keys, values, _cat(rows, -1), mask, _cat(biases, -1) if biases else None, unit, levels)
 
 
-def _gathered(listed: tuple, part: slice):
+def _gathered(listed: _Listed, part: slice):
     """Keys (B, H, m, W, D), values (B, H, m, W, Dv) and additive mask (B, H, m, 1 or bq, W) of query blocks
     `part`."""
-    keys, values, rows, mask, bias, unit = listed
+    keys, values, rows, mask, bias, unit, _ = listed
     b, h, length, d = keys.shape
     rows = rows[:, :, part]
     flat = (torch.arange(b * h, device=rows.device).view(b, h, 1, 1) * (length // unit) + rows).flatten()
@@ -197,11 +215,14 @@ def _attend(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float) ->
     if mask is None:
         return F.scaled_dot_product_attention(q_4d, k_4d, v_4d, scale=scale).view(b, h, m, bq, -1)
     mask = mask.expand(b, h, *mask.shape[2:]).flatten(1, 2)
-    # A query row with every logit at -inf gives zeros where SDPA would give NaN.
+    return _sdpa_masked(q_4d, k_4d, v_4d, mask, scale).view(b, h, m, bq, -1)
+
+
+def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused SDPA under an additive mask; a query row with every logit at -inf gives zeros (SDPA: NaN)."""
     live = (mask > float("-inf")).any(dim=-1, keepdim=True)
     mask = torch.where(live, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
-    out = F.scaled_dot_product_attention(q_4d, k_4d, v_4d, attn_mask=mask, scale=scale)
-    return (out * live).view(b, h, m, bq, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale) * live
 
 
 def _attend_lse(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float):
@@ -265,7 +286,7 @@ def block_sparse_attention_gather(
     if listed is None:
         return q.new_zeros(b, h, lq, dv)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = query_block_chunk or _query_block_chunk(k, mq, listed[2].shape[-1] * listed[5])
+    chunk = query_block_chunk or _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit)
     if chunk >= mq or needs_grad(q, k, v, bias):
         out = _attend(q_blocks, listed, slice(None), scale)
     else:
@@ -273,6 +294,54 @@ def block_sparse_attention_gather(
         for s in range(0, mq, chunk):
             out[:, :, s : s + chunk] = _attend(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale)
     return out.reshape(b, h, mq * block_q, dv)[:, :, :lq]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked dense SDPA over the pyramid
+# ----------------------------------------------------------------------------------------------------------
+
+
+def block_sparse_attention_masked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_level: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    num_levels: int = 1,
+) -> torch.Tensor:
+    """Block-sparse attention as one fused SDPA over the whole key pyramid under an additive block mask.
+
+    Every query attends to every pyramid slot, the unlisted ones at -inf, the listed ones raised by the log of
+    their tokens and of how often their block is listed (plus the bias). It does dense arithmetic over the
+    pyramid, so it pays only on short sequences or dense tables, where gathering costs more than the keys it
+    saves (BiFormer's 196-token third stage: 4-token regions, a third of them routed). Arguments as in
+    `block_sparse_attention_reference`.
+
+    Returns:
+        (B, H, Lq, Dv).
+    """
+    b, h, lq, d = q.shape
+    mq = _cdiv(lq, block_q)
+    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels)
+    if listed is None:
+        return q.new_zeros(b, h, lq, v.shape[-1])
+    size = listed.keys.shape[2]
+    slots = (listed.rows.unsqueeze(-1) * listed.unit + torch.arange(listed.unit, device=q.device)).flatten(-2)
+    # Tokens behind each listed slot, summed over repeats of its block: log of it is the slot's logit offset.
+    tokens = torch.ones((), dtype=q.dtype, device=q.device) if listed.mask is None else listed.mask.exp()
+    counts = q.new_zeros(*slots.shape[:-1], size).scatter_add_(-1, slots, tokens.expand(slots.shape))
+    mask = counts.log().unsqueeze(-2)  # (B or 1, H or 1, Mq, 1, S)
+    if bias is not None:  # the same columns under every block of a level
+        mk = _cdiv(k.shape[2], block_k)
+        columns = _cat([pool_bias_columns(bias, p).repeat(1, 1, mk) for p in listed.levels], -1)
+        mask = mask + columns[None, :, None]
+    mask = mask.expand(*mask.shape[:3], block_q, size).flatten(2, 3)
+    out = _sdpa_masked(_pad_tokens(q, mq * block_q), listed.keys, listed.values, mask, scale)
+    return out[:, :, :lq]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,7 +455,7 @@ def block_sparse_attention_flex(
     b, h, lq, d = q.shape
     mq = _cdiv(lq, block_q)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = mq if needs_grad(q, k, v, bias) else _query_block_chunk(k, mq, listed[2].shape[-1] * listed[5])
+    chunk = mq if needs_grad(q, k, v, bias) else _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit)
     parts = [
         _attend_lse(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale) for s in range(0, mq, chunk)
     ]

@@ -78,7 +78,7 @@ def test_pooled_level_is_attention_to_group_means(factor, lk):
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("backend", ["reference", "gather", "flex", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked", "flex", "triton"])
 def test_mixed_levels_follow_the_definition_on_every_backend(backend, monkeypatch):
     monkeypatch.setenv("ZOO_KERNELS", backend)
     q, k, v = _qkv(dtype=torch.float32)

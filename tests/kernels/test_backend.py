@@ -10,27 +10,41 @@ from kernels import BACKENDS, block_sparse_attention
 from kernels._backend import kernel_backend, select_backend
 
 
-def _call(grad: bool, block: int):
-    q, k, v = (torch.randn(1, 2, 2 * block, 8, requires_grad=grad) for _ in range(3))
-    index = torch.tensor([[[[0], [1]]]])
+def _call(grad: bool, block: int, blocks: int = 2):
+    q, k, v = (torch.randn(1, 2, blocks * block, 8, requires_grad=grad) for _ in range(3))
+    index = torch.arange(blocks).view(1, 1, blocks, 1)
     return block_sparse_attention(q, k, v, index, block_q=block, block_k=block)
 
 
 @pytest.mark.parametrize(
-    "grad, block, expected",
-    [(False, 64, "flex"), (True, 64, "gather"), (False, 16, "gather"), (True, 16, "gather")],
-    ids=["inference-large-blocks", "training", "inference-small-blocks", "training-small-blocks"],
+    "grad, block, blocks, expected",
+    [
+        (False, 64, 32, "flex"),
+        (True, 64, 32, "gather"),
+        (False, 16, 64, "gather"),
+        (True, 16, 64, "gather"),
+        (False, 64, 2, "masked"),
+        (True, 16, 4, "masked"),
+    ],
+    ids=[
+        "inference-large-blocks",
+        "training",
+        "inference-small-blocks",
+        "training-small-blocks",
+        "inference-short-sequence",
+        "training-short-sequence",
+    ],
 )
 @pytest.mark.parametrize("requested", ["auto", "torch"])
-def test_cpu_choice_by_grad_mode_and_block_size(requested, grad, block, expected, monkeypatch, caplog):
+def test_cpu_choice_by_grad_mode_block_size_and_length(requested, grad, block, blocks, expected, monkeypatch, caplog):
     monkeypatch.setenv("ZOO_KERNELS", requested)
     with caplog.at_level("DEBUG", logger="kernels"), torch.set_grad_enabled(grad):
-        _call(grad, block)
+        _call(grad, block, blocks)
     assert f"block_sparse_attention: {expected} path" in caplog.text or f"torch path is {expected}" in caplog.text
 
 
 def test_every_backend_is_a_value_of_the_switch(monkeypatch):
-    assert set(BACKENDS) == {"auto", "reference", "torch", "flex", "gather", "triton"}
+    assert set(BACKENDS) == {"auto", "reference", "torch", "flex", "gather", "masked", "triton"}
     for name in BACKENDS:
         monkeypatch.setenv("ZOO_KERNELS", name.upper())
         assert kernel_backend() == name
@@ -47,7 +61,7 @@ def test_flex_training_on_the_cpu_is_refused_with_the_way_out(monkeypatch):
 
 def test_ops_without_a_flex_or_gather_form_take_their_torch_path(monkeypatch):
     x = torch.zeros(1)
-    for name in ("flex", "gather", "torch"):
+    for name in ("flex", "gather", "masked", "torch"):
         monkeypatch.setenv("ZOO_KERNELS", name)
         assert select_backend("op", x) == "torch"
     monkeypatch.setenv("ZOO_KERNELS", "auto")
@@ -78,7 +92,7 @@ def test_tables_on_another_device_are_named():
         block_sparse_attention(q, k, v, torch.zeros(1, 1, 2, 1, dtype=torch.long), block_q=4, block_k=4)
 
 
-@pytest.mark.parametrize("backend", ["auto", "gather", "flex"])
+@pytest.mark.parametrize("backend", ["auto", "gather", "masked", "flex"])
 def test_meta_tensors_give_the_output_shape(backend, monkeypatch):
     # Model construction and FLOP counting run on the meta device, where no table value can be read.
     monkeypatch.setenv("ZOO_KERNELS", backend)
@@ -104,8 +118,9 @@ def test_flex_that_cannot_compile_falls_back_to_gather(monkeypatch):
     monkeypatch.setattr(torch_impl, "_compiled_flex", no_compiler)
     monkeypatch.setattr(torch_impl, "_flex_failed", [])
     monkeypatch.setenv("ZOO_KERNELS", "auto")
-    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
-    index = torch.tensor([[[[0], [1]]]])
+    # Long enough that auto takes FlexAttention, not the masked dense form of short sequences.
+    q, k, v = (torch.randn(1, 2, 2048, 16) for _ in range(3))
+    index = torch.arange(32).view(1, 1, 32, 1)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention could not be compiled"):
         out = block_sparse_attention(q, k, v, index, block_q=64, block_k=64)
     monkeypatch.setenv("ZOO_KERNELS", "gather")

@@ -23,12 +23,14 @@ from kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_flex,
     block_sparse_attention_gather,
+    block_sparse_attention_masked,
     block_sparse_attention_reference,
 )
 from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton, invert_index  # noqa: E402
 
 BACKENDS = {
     "gather": block_sparse_attention_gather,
+    "masked": block_sparse_attention_masked,
     "triton": block_sparse_attention_triton,
     "flex": block_sparse_attention_flex,
 }
@@ -109,7 +111,7 @@ def test_matches_reference(case, backend):
     _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["gather", "triton"])
+@pytest.mark.parametrize("backend", ["gather", "masked", "triton"])
 def test_masking_bias_rows(backend):
     # A bias of -inf masks keys; a query row that meets only -inf gets zeros and zero gradients.
     q, k, v, bias = _inputs(1, 2, 8, 8, 8, 8, 2, 4, 4)
@@ -194,6 +196,12 @@ def test_random_shapes_gather(dims, shared, bias_heads, seed):
     _random_case("gather", dims, shared, bias_heads, seed)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
+def test_random_shapes_masked(dims, shared, bias_heads, seed):
+    _random_case("masked", dims, shared, bias_heads, seed)
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(dims=SHAPES, shared=SHARED, bias_heads=BIAS_HEADS, seed=SEEDS)
 def test_random_shapes_triton(dims, shared, bias_heads, seed):
@@ -207,7 +215,7 @@ def test_random_shapes_flex(dims, shared, bias_heads, seed):
 
 
 @pytest.mark.parametrize("block", [16, 17], ids=["explicit-matmuls", "fused-sdpa"])
-@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("backend", ["gather", "masked", "flex"])
 def test_bfloat16_close_to_the_float64_oracle(backend, block):
     # Softmax and the flex merge's log-sum-exp in fp32: bf16 inputs stay within bf16 rounding of the oracle.
     torch.manual_seed(0)

@@ -153,7 +153,7 @@ def test_fine_tuned_export_keeps_its_classifier(tmp_path):
     torch.testing.assert_close(loaded.head.fc.weight, model.head.fc.weight, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "flex", "masked"])
 def test_every_kernel_backend_gives_the_same_logits_and_grads(backend, monkeypatch, caplog):
     # A narrow BiFormer with 2x2 regions: the Triton interpreter runs one program per (image, head, region).
     # Compared with the gather path (CPU training's); FlexAttention has no CPU backward: forward only.
