@@ -93,7 +93,8 @@ class TfSameConv2d(nn.Conv2d):
             before.append(total // 2)
             extra.append(total - 2 * (total // 2))
         if extra[0] or extra[1]:
-            if self.groups == self.in_channels and self.groups > 1:
+            # Exported graphs pad the input instead: the ONNX optimizer folds a padded weight into nothing.
+            if self.groups == self.in_channels and self.groups > 1 and not torch.compiler.is_exporting():
                 weight = F.pad(weight, (extra[1], 0, extra[0], 0))
                 return x, weight, [before[0] + extra[0], before[1] + extra[1]]
             x = F.pad(x, (0, extra[1], 0, extra[0]))
