@@ -162,8 +162,16 @@ def find_state_dict(checkpoint: object, keys: Iterable[str] = ("model", "state_d
 
 
 def load_state_dict_file(path: str | os.PathLike, keys: Iterable[str] = ("model", "state_dict", "module")) -> dict:
-    """`load_checkpoint_file` then `find_state_dict`, with any DataParallel `module.` prefix removed."""
-    state_dict = find_state_dict(load_checkpoint_file(path), keys)
+    """`load_checkpoint_file` then `find_state_dict`, with any DataParallel `module.` prefix removed.
+
+    Raises:
+        ValueError: naming the path, for a file that is not a checkpoint (empty, truncated, foreign) or holds no
+            state dict (a pickled list, a dict without tensors).
+    """
+    try:
+        state_dict = find_state_dict(load_checkpoint_file(path), keys)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{os.fspath(path)} holds no model weights: {err.args[0] if err.args else err}") from None
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict

@@ -1,4 +1,5 @@
-"""`python train/cls.py validate`: evaluation only, timm validate.py's report, the model's own eval transform."""
+"""`python train/cls.py validate`: evaluation only, timm validate.py's report, the model's own eval transform;
+the hub-style folder the fit exports beside best.safetensors."""
 
 from __future__ import annotations
 
@@ -45,6 +46,27 @@ def test_validate_reproduces_the_fits_best_val_acc1(tmp_path, capsys):
     rows = read_metrics(tmp_path / "eval" / "lightning_logs" / "version_0" / "metrics.csv")
     assert not any(r.get("train/loss") for r in rows)
     assert not list((tmp_path / "eval").rglob("*.ckpt"))
+
+    # The fit's export also wrote a hub-style folder: the same weights, its classes and its eval transform.
+    folder = run / "hub"
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    exported = timm.create_model(
+        "zoo_biformer_t",
+        pretrained=True,
+        num_classes=10,
+        pretrained_cfg_overlay=dict(file=str(run / "best.safetensors"), num_classes=10),
+        depths=(1, 1, 1, 1),
+        embed_dims=(32, 32, 32, 32),
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), exported(x), rtol=0, atol=0)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["label_names"] == [str(i) for i in range(10)]
+    data = timm.data.resolve_data_config({}, model=loaded)
+    assert data["input_size"] == (3, 32, 32) and data["crop_pct"] == 1.0 and data["interpolation"] == "bilinear"
+    assert tuple(data["mean"]) == (0.5, 0.5, 0.5)
+    assert f"val top-1 (%): {round(100 * best, 3)}" in (folder / "README.md").read_text()
 
 
 def _weights(tmp_path) -> str:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
 
@@ -25,6 +25,7 @@ __all__ = [
     "check_image_input",
     "convert_state_dict",
     "create_backbone",
+    "expected_weight_path",
     "load_pretrained_file_safely",
     "rename_keys",
     "strict_key_check",
@@ -40,12 +41,17 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+def _dtype_fits(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    # Autocast casts every floating input but float64 to its own dtype for the model's matmuls and convs.
+    return x.dtype == dtype or (x.dtype != torch.float64 and _autocast_on(x.device.type))
+
+
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, dtype: torch.dtype | None = None) -> None:
     """Check a backbone's input before any work is done.
 
     Raises:
-        TypeError: x is not a floating-point tensor, or (outside autocast, which casts for the model) its dtype
-            is not the model's `dtype`.
+        TypeError: x is not a floating-point tensor, or its dtype is not the model's `dtype` (under autocast,
+            which casts for the model, any floating dtype but float64).
         ValueError: naming the expected and received shape unless x is (B, in_chans, H, W), H, W >= min_size.
             B may be 0: the output is then empty, as timm's models return it.
     """
@@ -55,51 +61,88 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, dtype: torc
         raise ValueError(f"expected input of shape (B, {in_chans}, H, W) with H, W >= {min_size}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images (convert with x.float() and normalize), got {x.dtype}")
-    if dtype is not None and x.dtype != dtype and not _autocast_on(x.device.type):
+    if dtype is not None and not _dtype_fits(x, dtype):
         raise TypeError(
             f"input dtype {x.dtype} differs from the model's {dtype}: convert the input (x.to({dtype})) or the "
             f"model (model.to({x.dtype})), or run under torch.autocast"
         )
 
 
-def load_pretrained_file_safely(pretrained: bool, kwargs: dict, state_dict_keys: tuple[str, ...]) -> dict:
-    """Read the weight file a user names (or the release URL) without executing code from it.
+# Weight files of a hub-style folder, in timm's order of preference (`timm.models._hub`).
+_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def _cfg_get(cfg: object, key: str) -> object:
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
+def _folder_weights(folder: str) -> str:
+    """The weight file of a hub-style folder (`local-dir:PATH`)."""
+    for name in _FOLDER_WEIGHTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"local-dir:{folder} holds no weight file (one of {', '.join(_FOLDER_WEIGHTS)})")
+
+
+def expected_weight_path(cfg: object) -> str:
+    """Where `pretrained=True` without a file looks for a release file: torch's hub checkpoint folder."""
+    name = _cfg_get(cfg, "architecture") or "checkpoint"
+    tag = _cfg_get(cfg, "tag")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{name}.{tag}.pth" if tag else f"{name}.pth")
+
+
+def load_pretrained_file_safely(
+    pretrained: bool, kwargs: dict, state_dict_keys: tuple[str, ...], variant: str | None = None
+) -> dict:
+    """Read the weight file a user names (or a hub-style folder's) without executing code from it.
 
     timm's own file loader uses `weights_only=True`, which refuses the authors' release files (they
     pickle an argparse Namespace beside the weights) and prefers an EMA copy over the weights the
     authors evaluate. So the file is read here and handed to timm as an in-memory `state_dict`
     source: timm then runs `checkpoint_filter_fn`, adapts the classifier and input conv, and loads.
+    Nothing is downloaded: without a file, the release file must already be at `expected_weight_path`.
 
     Args:
         pretrained: whether weights are requested at all.
         kwargs: the model entrypoint's kwargs (`pretrained_cfg_overlay`, `pretrained_cfg`).
         state_dict_keys: where the authors' checkpoint keeps the model's tensors, in order.
+        variant: the registered name, whose default cfg (release URL) applies when kwargs name none.
 
     Returns:
         kwargs with `pretrained_cfg_overlay` pointing at the loaded state dict.
+
+    Raises:
+        FileNotFoundError: no file given and none at the expected path; the message names the release URL and
+            where to put the file.
+        ValueError: naming the path of a file that is empty, truncated or not a checkpoint.
     """
     if not pretrained:
         return kwargs
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     if overlay.get("state_dict") is not None:
         return kwargs
+    cfg = kwargs.get("pretrained_cfg")
+    if variant is not None and (cfg is None or isinstance(cfg, str)):
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=cfg)
     path = overlay.pop("file", None)
+    if not path and cfg is not None and _cfg_get(cfg, "source") == "local-dir":
+        path = _folder_weights(str(_cfg_get(cfg, "file")))  # timm.create_model("local-dir:PATH", pretrained=True)
     if not path:
-        cfg = kwargs.get("pretrained_cfg")
-        url = overlay.get("url") or (getattr(cfg, "url", None) if cfg is not None else None)
+        url = overlay.get("url") or (_cfg_get(cfg, "url") if cfg is not None else None)
         if not url:
             return kwargs  # let timm report that no weights exist
-        name = getattr(cfg, "architecture", None) or "checkpoint"
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", f"{name}.pth")
+        path = expected_weight_path(cfg)
         if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path, progress=True)
+            raise FileNotFoundError(
+                f"{_cfg_get(cfg, 'architecture') or 'this model'}: pretrained=True needs the weight file, and nothing "
+                f"is downloaded. Download {url} yourself and pass pretrained_cfg_overlay=dict(file=PATH), or put "
+                f"it at {path}"
+            )
     state_dict = load_state_dict_file(path, keys=state_dict_keys)
     # timm re-initializes a classifier whose class count differs from the cfg's (1000). A file whose
     # classifier already has the requested classes (a fine-tuned export) must keep it.
-    cfg = kwargs.get("pretrained_cfg")
-    classifier = getattr(cfg, "classifier", None) or "head.fc"
-    head = state_dict.get(f"{classifier}.weight")
+    classifier = _cfg_get(cfg, "classifier") if cfg is not None else None
+    head = state_dict.get(f"{classifier or 'head.fc'}.weight")
     if head is not None and "num_classes" not in overlay and kwargs.get("num_classes") == head.shape[0]:
         overlay["num_classes"] = head.shape[0]
     overlay["state_dict"] = state_dict
@@ -149,10 +192,18 @@ def strict_key_check(state_dict: dict[str, torch.Tensor], model: nn.Module, clas
             f"{source} does not match {type(model).__name__}: "
             f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
         )
+    # timm adapts the stem to the model's input channels after this filter (`adapt_input_conv`, in_chans != 3).
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    stem = f"{first_conv}.weight" if isinstance(first_conv, str) else None
+
+    def other_channels(k: str, v: torch.Tensor) -> bool:
+        w = expected[k]
+        return k == stem and v.dim() == w.dim() == 4 and v.shape[:1] + v.shape[2:] == w.shape[:1] + w.shape[2:]
+
     wrong = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
-        if k in expected and not is_head(k) and tuple(v.shape) != tuple(expected[k].shape)
+        if k in expected and not is_head(k) and tuple(v.shape) != tuple(expected[k].shape) and not other_channels(k, v)
     ]
     if wrong:
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape, first: {wrong[:4]}")
@@ -248,7 +299,7 @@ def create_backbone(
     """
     check_backbone_args(variant, kwargs)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=state_dict_keys)
+    kwargs = load_pretrained_file_safely(pretrained, kwargs, state_dict_keys=state_dict_keys, variant=variant)
     return build_model_with_cfg(
         model_cls,
         variant,

@@ -34,7 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..checkpoint import load_checkpoint_file
 
-__all__ = ["ImageClassifier", "export_safetensors"]
+__all__ = ["ImageClassifier", "export_hub_folder", "export_safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,61 @@ class ImageClassifier(LightningModule):
         export_safetensors(path, out, classes=classes)
         log.info("exported %s weights to %s", path, out)
         print(f"best model ({os.path.basename(path)}) exported to {out}")
+        folder = os.path.join(os.path.dirname(out), "hub")
+        score = getattr(callback, "best_model_score", None)
+        metrics = {"val top-1 (%)": round(100 * float(score), 3)} if score is not None else None
+        datamodule = self.trainer.datamodule
+        data_config = _data_config(datamodule) if hasattr(getattr(datamodule, "hparams", None), "image_size") else None
+        export_hub_folder(out, folder, self.hparams.model_kwargs, data_config, metrics)
+        print(f"and as a hub folder: timm.create_model('local-dir:{folder}', pretrained=True)")
+
+
+def _data_config(datamodule: Any) -> dict:
+    """The eval transform of an `ImageClassificationData`, in timm's data-config keys."""
+    h = datamodule.hparams
+    return {
+        "input_size": (3, h.image_size, h.image_size),
+        "crop_pct": h.crop_pct,
+        "interpolation": "bicubic" if h.interpolation == "random" else h.interpolation,
+        "mean": tuple(h.mean),
+        "std": tuple(h.std),
+    }
+
+
+def export_hub_folder(
+    weights_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    model_kwargs: dict[str, Any] | None = None,
+    data_config: dict | None = None,
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """A `best.safetensors` written by `export_safetensors` as a hub-style folder (`zoo.hub.save_hub_folder`):
+    `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it with its classes and eval transform.
+
+    Args:
+        weights_path: the safetensors file (its metadata names the model, classes and class names).
+        folder: the folder to write.
+        model_kwargs: the further `timm.create_model` arguments the run used.
+        data_config: the eval transform the run validated with (timm's keys); None for the model's cfg.
+        metrics: figures for the model card.
+    """
+    from safetensors import safe_open
+
+    from ..hub import save_hub_folder
+
+    with safe_open(os.fspath(weights_path), "pt") as f:
+        meta = f.metadata() or {}
+    classes = json.loads(meta["classes"]) if meta.get("classes") else None
+    model = timm.create_model(
+        meta["model_name"],
+        pretrained=True,
+        num_classes=int(meta["num_classes"]),
+        pretrained_cfg_overlay=dict(file=os.fspath(weights_path), num_classes=int(meta["num_classes"])),
+        **dict(model_kwargs or {}),
+    )
+    description = f"`{meta['model_name']}` trained with the zoo's Lightning recipe (`train/cls.py`)."
+    save_hub_folder(model, folder, classes, description=description, metrics=metrics, data_config=data_config)
+    return os.fspath(folder)
 
 
 def export_safetensors(
