@@ -110,21 +110,19 @@ class BiLevelRoutingAttention(nn.Module):
         tokens = wh * ww
 
         qkv = linear(x, self.qkv)
-        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-
-        def by_region(t: torch.Tensor) -> torch.Tensor:
-            # (B, Hp, Wp, h * d) -> (B, h, R * L, d), regions in row-major order and tokens within them: the
-            # window partition and the head split in one copy.
-            d = t.shape[-1] // heads  # explicit (not -1): a batch of 0 images reshapes too
-            t = t.reshape(b, n, wh, n, ww, heads, d).permute(0, 5, 1, 3, 2, 4, 6)
-            return t.reshape(b, heads, n * n * tokens, d)
-
-        q, k, v_regions = by_region(q), by_region(k), by_region(v)
-
-        def region_mean(t: torch.Tensor) -> torch.Tensor:  # (B, h, R * L, d) -> (B, R, h * d)
-            return t.unflatten(2, (n * n, tokens)).mean(3).permute(0, 2, 1, 3).flatten(2)
-
-        region_index = route_regions(region_mean(q), region_mean(k), self.topk, self.scale)
+        # Region partition of the projected map in one copy of whole token rows (the channels stay innermost:
+        # moving the heads out as well in the same copy is several times slower on the CPU), then the head
+        # split as strided views: the op takes them as they are (the masked form of short maps never copies
+        # them; the others lay them out as they need).
+        # Sizes explicit (not -1): a batch of 0 images reshapes too.
+        chans = qkv.shape[-1]
+        regions = qkv.view(b, n, wh, n, ww, chans).transpose(2, 3).reshape(b, n * n, tokens, chans)
+        means = regions[..., : 2 * self.qk_dim].mean(2)  # (B, R, 2 * qk_dim): region means of q and k
+        region_index = route_regions(means[..., : self.qk_dim], means[..., self.qk_dim :], self.topk, self.scale)
+        q, k, v_regions = (
+            t.unflatten(-1, (heads, t.shape[-1] // heads)).flatten(1, 2).transpose(1, 2)  # (B, h, R * L, d)
+            for t in regions.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        )
 
         # Routed attention is block-sparse attention with one block per region and the routing index as the
         # index table, shared by the heads.
@@ -137,10 +135,10 @@ class BiLevelRoutingAttention(nn.Module):
             block_k=tokens,
             scale=self.scale,
         )
-        # (B, h, R * L, d) -> (B, Hp, Wp, h * d): window reverse and head merge in one copy.
-        d = out.shape[-1]
-        out = out.view(b, heads, n, n, wh, ww, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(b, hp, wp, heads * d)
+        # (B, h, R * L, d) -> (B, Hp, Wp, h * d): head merge, then window reverse with the channels innermost.
+        out = out.transpose(1, 2).reshape(b, n, n, wh, ww, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         if self.lepe is not None:
+            v = qkv[..., 2 * self.qk_dim :]
             out = out + _channels_last(self.lepe(_channels_first(v)))
         out = linear(out, self.proj)
         if pad_b or pad_r:

@@ -285,6 +285,9 @@ def block_sparse_attention_gather(
     listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels)
     if listed is None:
         return q.new_zeros(b, h, lq, dv)
+    # Rows are copied out of the pyramid as whole runs of slots: lay strided keys and values out once here,
+    # not once per slab (head-split views of a projection, say).
+    listed = listed._replace(keys=listed.keys.contiguous(), values=listed.values.contiguous())
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
     chunk = query_block_chunk or _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit)
     if chunk >= mq or needs_grad(q, k, v, bias):
