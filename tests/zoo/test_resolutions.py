@@ -225,3 +225,25 @@ def test_focalnet_large_configs_follow_the_authors():
     assert block(l3).modulation.focal_level == 3 and block(l4).modulation.focal_level == 4
     assert block(l4).modulation.normalize_modulator and not block(xl4).modulation.normalize_modulator
     assert l3.stem.proj.kernel_size == (7, 7) and l3.use_post_norm
+
+
+def test_maxvit_384_equals_timms_port_on_a_224_checkpoint(tmp_path):
+    # timm's maxvit_tiny_tf_384 reproduces the official 384 model; both load the same 224 weights, resizing
+    # the relative tables on load, and must then compute the same logits (and so after set_input_size).
+    torch.manual_seed(0)
+    source = timm.create_model("maxvit_tiny_tf_224").eval()
+    for bn in (m for m in source.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "maxvit_tiny_tf_224.pth"
+    torch.save(source.state_dict(), path)
+    overlay = dict(file=str(path))
+    theirs = timm.create_model("maxvit_tiny_tf_384", pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    ours = timm.create_model("zoo_maxvit_t_384", pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    switched = timm.create_model("zoo_maxvit_t", pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    switched.set_input_size(img_size=384)
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        expected = theirs(x)
+        for model in (ours, switched):
+            got = model(x)
+            assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
