@@ -26,148 +26,43 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 # The repository root on the path: the script imports `benchmarks` and `zoo` when run as a file.
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._harness import write_section  # noqa: E402
-from zoo.training.video_data import MovingDigits, digit_sprites, render_clip  # noqa: E402
+from zoo.training.video_data import MovingDigits  # noqa: E402
+from zoo.training.video_eval import DigitFrameClassifier, clip_metrics, train_frame_classifier  # noqa: E402
 
-__all__ = ["DigitFrameClassifier", "clip_metrics", "train_frame_classifier"]
-
-
-class DigitFrameClassifier(nn.Module):
-    """A small CNN labelling single (1, S, S) frames in [-1, 1]; global max pooling makes it indifferent to
-    where the digit sits. Written out because no library ships a digit evaluator, and the evaluator must
-    share nothing with the models it judges."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-
-        def conv(i: int, o: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
-
-        self.features = nn.Sequential(
-            conv(1, 32), conv(32, 32), nn.MaxPool2d(2), conv(32, 64), conv(64, 64), nn.MaxPool2d(2), conv(64, 128)
-        )
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 1, S, S) -> logits (N, num_classes)."""
-        return self.head(self.features(x).amax(dim=(2, 3)))
-
-
-def _frames(sprites: np.ndarray, labels: np.ndarray, n: int, size: int, rng: np.random.Generator):
-    """n single frames of random sprites at random whole-pixel positions, lightly blurred or noised at random
-    so that the evaluator does not hinge on perfectly crisp pixels."""
-    k = rng.integers(len(sprites), size=n)
-    span = size - sprites.shape[1]
-    frames = np.stack([render_clip(sprites[i], tuple(rng.uniform(0, span, 2)), (0.0, 0.0), 1, size)[0] for i in k])
-    x = torch.from_numpy(frames).unsqueeze(1)
-    blur = torch.from_numpy(rng.random(n) < 0.3)
-    if blur.any():
-        smoothed = F.avg_pool2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        x[blur] = 0.5 * x[blur] + 0.5 * smoothed
-    x = x + 0.1 * torch.from_numpy(rng.random(n).astype(np.float32)).view(-1, 1, 1, 1) * torch.randn_like(x)
-    return x.clamp(-1, 1), torch.from_numpy(labels[k])
-
-
-def train_frame_classifier(
-    size: int = 32, digit_size: int = 16, steps: int = 600, seed: int = 0
-) -> tuple[DigitFrameClassifier, float]:
-    """Train the evaluator on frames of the held-back digits only.
-
-    Returns:
-        (the classifier in eval mode, its accuracy on 2000 frames of the *train* digits: digits it never saw,
-        the same ones the video model learned from).
-    """
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    sprites, labels = digit_sprites("held_back", digit_size)
-    model = DigitFrameClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    model.train()
-    for _ in range(steps):
-        x, y = _frames(sprites, labels, 64, size, rng)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    test_sprites, test_labels = digit_sprites("train", digit_size)
-    x, y = _frames(test_sprites, test_labels, 2000, size, np.random.default_rng(seed + 1))
-    with torch.no_grad():
-        accuracy = float((model(x).argmax(1) == y).float().mean())
-    return model, accuracy
-
-
-def _shift_correlation(a: torch.Tensor, b: torch.Tensor, max_shift: int = 3) -> torch.Tensor:
-    """Best normalised correlation of frames a and b (N, S, S) over shifts of b by up to `max_shift` pixels."""
-    best = torch.full((a.shape[0],), -1.0)
-    a0 = a - a.mean(dim=(1, 2), keepdim=True)
-    for dy in range(-max_shift, max_shift + 1):
-        for dx in range(-max_shift, max_shift + 1):
-            s = torch.roll(b, shifts=(dy, dx), dims=(1, 2))
-            s0 = s - s.mean(dim=(1, 2), keepdim=True)
-            num = (a0 * s0).sum(dim=(1, 2))
-            den = (a0.square().sum(dim=(1, 2)) * s0.square().sum(dim=(1, 2))).sqrt().clamp_min(1e-8)
-            best = torch.maximum(best, num / den)
-    return best
-
-
-@torch.no_grad()
-def clip_metrics(classifier: nn.Module, clips: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Evaluator figures of clips.
-
-    Args:
-        classifier: frame classifier on (N, 1, S, S) in [-1, 1].
-        clips: (B, T, S, S) in [-1, 1].
-        labels: (B,) the requested digits.
-
-    Returns:
-        frame_accuracy, clip_accuracy (majority label over frames), label_consistency, shape_consistency.
-    """
-    b, t = clips.shape[:2]
-    pred = classifier(clips.reshape(b * t, 1, *clips.shape[2:])).argmax(1).view(b, t)
-    majority = torch.mode(pred, dim=1).values
-    corr = _shift_correlation(clips[:, :-1].reshape(-1, *clips.shape[2:]), clips[:, 1:].reshape(-1, *clips.shape[2:]))
-    return {
-        "frame_accuracy": float((pred == labels[:, None]).float().mean()),
-        "clip_accuracy": float((majority == labels).float().mean()),
-        "label_consistency": float((pred[:, 1:] == pred[:, :-1]).float().mean()),
-        "shape_consistency": float(corr.mean()),
-    }
+__all__ = ["DigitFrameClassifier", "clip_metrics", "generate_clips", "train_frame_classifier"]
 
 
 def generate_clips(
-    folder: str | Path, per_class: int, steps: int, guidance: float, seed: int = 0, batch: int = 20
+    folder: str | Path,
+    per_class: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch: int = 20,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float | None]:
-    """Sample `per_class` clips of each digit from an exported pipeline folder.
+    """Sample `per_class` clips of each digit from an exported pipeline folder, at the clip size the model was
+    trained on (the pipeline's defaults) and the given steps and guidance (None: the pipeline's defaults).
 
     Returns:
         (clips (B, T, S, S) in [-1, 1], labels (B,), seconds per clip, mean PSA density of the last step or None).
     """
-    from zoo.video import VideoDiTPipeline
+    from zoo.video import VideoDiTPipeline, psa_state
 
     pipe = VideoDiTPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    summary = json.loads((Path(folder) / "sampling.json").read_text())
     labels = torch.arange(10).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(seed)
     out, start = [], time.perf_counter()
     for i in range(0, len(labels), batch):
         frames = pipe(
             labels[i : i + batch].tolist(),
-            num_frames=summary["num_frames"],
-            height=summary["size"],
-            width=summary["size"],
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generator,
@@ -175,11 +70,8 @@ def generate_clips(
         ).frames  # (b, T, C, S, S) in [0, 1]
         out.append(frames[:, :, 0] * 2 - 1)
     seconds = (time.perf_counter() - start) / len(labels)
-    densities = [
-        float(b.attn.psa.last_density)
-        for b in pipe.transformer.blocks
-        if b.attn.attention == "psa" and b.attn.psa.last_density is not None
-    ]
+    state = psa_state(pipe.transformer)
+    densities = [float(d) for d in state.densities.values()] if state is not None else []
     return torch.cat(out), labels, seconds, (sum(densities) / len(densities) if densities else None)
 
 
@@ -206,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread is the fastest on the shared CPU these runs were made on
-    clip = json.loads((args.psa / "pipeline" / "sampling.json").read_text())
+    clip = {**_run_config(args.psa)["data"]}
+    clip["size"] = clip["frame_size"]
     classifier, evaluator_acc = train_frame_classifier(clip["size"], clip["digit_size"])
     print(f"evaluator accuracy on frames of unseen (train-split) digits: {evaluator_acc:.4f}", flush=True)
     real = MovingDigits(
@@ -349,7 +242,6 @@ def run_name(run: Path) -> str:
 def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argparse.Namespace) -> None:
     """Copy a run's exported pipeline to `target` with a README (command, time, figures) and a sha256 manifest
     (`sha256sum -c MANIFEST.sha256` checks it)."""
-    import hashlib
     import shutil
 
     import yaml
@@ -357,10 +249,12 @@ def ship(run: Path, target: Path, rows: dict, evaluator_acc: float, args: argpar
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(run / "pipeline", target)
-    # The sampling settings the figures below were measured at: `python -m zoo.generate` defaults to them.
-    sampling = json.loads((target / "sampling.json").read_text())
-    sampling.update(num_inference_steps=args.steps, guidance_scale=args.guidance)
-    (target / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
+    # The sampling settings the figures below were measured at become the pipeline's registered defaults.
+    from zoo.video import VideoDiTPipeline, write_manifest
+
+    pipe = VideoDiTPipeline.from_pretrained(str(target))
+    pipe.register_to_config(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    pipe.save_pretrained(str(target), safe_serialization=True)
     row, dense = rows["PSA"], rows["dense"]
     summary = row["summary"]
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -429,21 +323,22 @@ trained only on the held-back digits, {evaluator_acc:.1%} accurate on frames of 
 
 {status}
 
-Use:
+Use (the defaults of a call are the settings above: {config["data"]["num_frames"]} frames of \
+{config["data"]["frame_size"]}x{config["data"]["frame_size"]} from the transformer's config,
+`sample_frames` and `sample_size`; {args.steps} steps and guidance {args.guidance:g} from the pipeline's config in \
+`model_index.json`):
 
     from zoo.video import VideoDiTPipeline
     pipe = VideoDiTPipeline.from_pretrained("checkpoints/zoo-video-dit-digits")
-    frames = pipe([3, 7], num_frames=16, height=16, width=16, num_inference_steps={args.steps},
-                  guidance_scale={args.guidance:g}).frames
+    frames = pipe([3, 7]).frames   # (2, {config["data"]["num_frames"]}, {config["data"]["frame_size"]}, \
+{config["data"]["frame_size"]}, 1) in [0, 1]
 
-or `python -m zoo.generate checkpoints/zoo-video-dit-digits --labels 3 7 --out samples/` (its defaults are the
-settings above, from `sampling.json`).
-`sha256sum -c MANIFEST.sha256` (in this folder) checks the files.
+or `python -m zoo.generate checkpoints/zoo-video-dit-digits --labels 3 7 --out samples/`.
+`from_pretrained` checks the files against `MANIFEST.sha256` first (as `sha256sum -c MANIFEST.sha256` in this
+folder does) and names any file that does not match.
 """
     (target / "README.md").write_text(readme)
-    files = sorted(p for p in target.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256")
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(target).as_posix()}" for p in files]
-    (target / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
+    write_manifest(target)
 
 
 if __name__ == "__main__":

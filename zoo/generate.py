@@ -3,17 +3,17 @@
     python -m zoo.generate checkpoints/zoo-video-dit-digits --labels 3 7 --out samples/
     python -m zoo.generate FOLDER --labels 0 1 2 --steps 30 --guidance 4 --seed 1 --format mp4 --out OUT
 
-Files are `OUT/<index>-label=<label>.gif` (or `.mp4`). The clip size defaults to the one the model was
-trained on, and the steps and guidance to the ones its figures were measured at: `sampling.json` in the
-folder (written by `train/video_dit.py`, the sampling settings added by `benchmarks/video_dit_digits.py
---ship`); 25 steps and guidance 4 where it names none. The pipeline shows diffusers' progress bar over the
-denoising steps.
+Files are `OUT/<index>-label=<label>.gif` (or `.mp4`). The defaults are the pipeline's: the clip size the
+model was trained on (the transformer's `sample_frames` and `sample_size`) and the steps and guidance its
+figures were measured at (the pipeline's registered `num_inference_steps` and `guidance_scale`, in
+`model_index.json`). Bad arguments (a label that is not a class, a guidance that is not a finite number >= 0,
+an `--out` that is an existing file) are reported before any sampling. The pipeline shows diffusers' progress
+bar over the denoising steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,11 +42,10 @@ def generate(
         folder: a diffusers folder saved by `VideoDiTPipeline.save_pretrained` (model_index.json, ...).
         labels: class labels, one clip each.
         out: output directory (created).
-        steps: Euler steps; None reads `num_inference_steps` from `sampling.json`, else 25.
-        guidance: classifier-free guidance scale (1 disables it); None reads `guidance_scale` from
-            `sampling.json`, else 4.
+        steps: Euler steps; None for the pipeline's default.
+        guidance: classifier-free guidance scale (1 disables it); None for the pipeline's default.
         seed: seed of the initial noise.
-        num_frames, size: clip frames and side; None reads them from the folder's `sampling.json`.
+        num_frames, size: clip frames and side; None for the size the model was trained on.
         fmt: "gif" or "mp4".
         fps: frames per second of the files.
 
@@ -57,15 +56,11 @@ def generate(
 
     if fmt not in ("gif", "mp4"):
         raise ValueError(f"format must be 'gif' or 'mp4', got {fmt!r}")
-    folder = Path(folder)
+    folder, out = Path(folder), Path(out)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} holds no model_index.json: not a saved VideoDiTPipeline folder")
-    sampling = folder / "sampling.json"
-    trained = json.loads(sampling.read_text()) if sampling.is_file() else {}
-    num_frames = num_frames or int(trained.get("num_frames", 16))
-    size = size or int(trained.get("size", 32))
-    steps = int(trained.get("num_inference_steps", 25)) if steps is None else steps
-    guidance = float(trained.get("guidance_scale", 4.0)) if guidance is None else guidance
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; it must be a directory (created if missing)")
     pipe = VideoDiTPipeline.from_pretrained(str(folder))
     videos = pipe(
         list(labels),
@@ -77,7 +72,6 @@ def generate(
         generator=torch.Generator().manual_seed(seed),
         output_type="pil" if fmt == "gif" else "np",
     ).frames
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (label, video) in enumerate(zip(labels, videos, strict=True)):
@@ -96,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="saved VideoDiTPipeline folder (e.g. checkpoints/zoo-video-dit-digits)")
     parser.add_argument("--labels", type=int, nargs="+", required=True, help="class labels, one clip each")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the folder's, else 25)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     parser.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the folder's, else 4)"
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's)"
     )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: as trained)")

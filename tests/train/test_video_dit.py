@@ -24,9 +24,11 @@ from ._util import ROOT, read_metrics
 
 CONFIG = ROOT / "configs" / "video" / "video_dit_digits.yaml"
 SHIPPED = ROOT / "checkpoints" / "zoo-video-dit-digits"
-# Below the shipped model's measured 0.924 to 0.943 (BENCHMARKS.md, 160 frames per digit, three noise seeds):
-# the test's 20 clips measure 0.916 with its noise seed, an untrained or broken model lands near 0.1.
-FRAME_ACCURACY_BOUND = 0.8
+# The shipped model's card promises that at least 90% of generated frames show the requested digit (measured
+# 0.924 to 0.943 over 160 frames per digit and three noise seeds, BENCHMARKS.md). The test's 20 clips called
+# with labels only measure 0.922 (noise seed 7; 0.928 and 0.922 on seeds 0 and 1); an untrained or broken model,
+# or the wrong defaults (8 frames of 32x32 at guidance 4), lands far below (5.6% in issue 17).
+FRAME_ACCURACY_BOUND = 0.9
 
 # The recipe's code path (PSA over a Gilbert-ordered token grid, EMA, CFG label dropout) at 8 frames of 8x8:
 # a (4, 4, 4) grid of 64 tokens, 4 query blocks x 8 key blocks, 2 updates an epoch.
@@ -106,16 +108,18 @@ def test_fit_exports_a_pipeline_that_loads_and_generates(tmp_path, capsys):
     assert summary["precision"] == "bf16-mixed"
 
     folder = run / "pipeline"
-    assert {"model_index.json", "transformer", "scheduler", "sampling.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model_index.json", "transformer", "scheduler"} == {p.name for p in folder.iterdir()}
     assert json.loads((folder / "model_index.json").read_text())["transformer"] == ["zoo.video.dit", "VideoDiT"]
     pipe = VideoDiTPipeline.from_pretrained(str(folder))
     assert pipe.transformer.config.attention == "psa" and pipe.transformer.config.psa_config["block_k"] == 8
+    # The clip trained on is the pipeline's default size (the transformer's config), as in diffusers.
+    assert (pipe.transformer.config.sample_frames, pipe.transformer.config.sample_size) == (8, 8)
     # The export holds the EMA weights, in float32.
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key, value in pipe.transformer.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, ckpt["ema.module." + key].float()), key
     assert any(not torch.equal(ckpt["ema.module." + k], ckpt["model." + k]) for k in pipe.transformer.state_dict())
-    frames = pipe([3, 7], num_frames=8, height=8, width=8, num_inference_steps=2, generator=torch.manual_seed(0))
+    frames = pipe([3, 7], num_inference_steps=2, generator=torch.manual_seed(0))
     assert frames.frames.shape == (2, 8, 8, 8, 1) and np.isfinite(frames.frames).all()
 
     capsys.readouterr()
@@ -209,19 +213,36 @@ def test_shipped_checkpoint_matches_its_manifest_and_generates(tmp_path):
     assert total <= 20 * 2**20
     readme = (SHIPPED / "README.md").read_text()
     assert "python train/video_dit.py --config configs/video/video_dit_digits.yaml" in readme
+    assert not (SHIPPED / "sampling.json").exists()  # folded into the configs
     pipe = VideoDiTPipeline.from_pretrained(str(SHIPPED))
     assert pipe.transformer.config.attention == "psa"
-    sampling = json.loads((SHIPPED / "sampling.json").read_text())
-    frames = pipe(
-        [3],
-        num_frames=sampling["num_frames"],
-        height=sampling["size"],
-        width=sampling["size"],
-        num_inference_steps=3,
-        generator=torch.manual_seed(0),
-    ).frames
-    assert frames.shape == (1, sampling["num_frames"], sampling["size"], sampling["size"], 1)
+    # The weights load under the parameter names they were saved with (VideoDiT's attention on diffusers'
+    # processor convention kept qkv / q_norm / k_norm / proj).
+    from safetensors.torch import load_file
+
+    saved = load_file(SHIPPED / "transformer" / "diffusion_pytorch_model.safetensors")
+    state = pipe.transformer.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    recipe = yaml.safe_load(CONFIG.read_text())["data"]
+    assert pipe.default_size == (recipe["num_frames"], recipe["frame_size"], recipe["frame_size"])
+    frames = pipe([3], num_inference_steps=3, generator=torch.manual_seed(0)).frames
+    assert frames.shape == (1, recipe["num_frames"], recipe["frame_size"], recipe["frame_size"], 1)
     assert np.isfinite(frames).all() and frames.std() > 0.05
+
+
+def test_a_tampered_shipped_checkpoint_is_refused(tmp_path):
+    import shutil
+
+    from zoo.video import ManifestError
+
+    folder = tmp_path / "copy"
+    shutil.copytree(SHIPPED, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="transformer/diffusion_pytorch_model.safetensors does not match"):
+        VideoDiTPipeline.from_pretrained(str(folder))
 
 
 def test_gpu_overlay_selects_bf16_on_one_gpu(capsys):
@@ -240,26 +261,28 @@ def test_gpu_overlay_selects_bf16_on_one_gpu(capsys):
     assert gpu["model"]["psa_config"] == base["model"]["psa_config"]
 
 
-def test_shipped_checkpoint_draws_the_requested_digits():
-    # The shipped model's quality by the benchmark's independent judge (a CNN trained on the held-back digits
-    # only), on a small sample: two clips per digit at the folder's sampling settings, with noise seeds the
-    # BENCHMARKS.md figures did not use. The bounds sit below the measured figures by the sampling error of
-    # 20 clips.
-    from benchmarks.video_dit_digits import clip_metrics, generate_clips, train_frame_classifier
+def test_shipped_checkpoint_called_with_labels_only_draws_the_requested_digits():
+    # A new user's call: labels only. The defaults must be the ones the model card's figures were measured at,
+    # and the project's independent judge (a CNN trained on the held-back digits only,
+    # zoo.training.video_eval) must find the requested digit in at least 90% of the frames: the card's bar.
+    # Two clips per digit with a noise seed the BENCHMARKS.md figures did not use.
+    from zoo.training.video_eval import clip_metrics, train_frame_classifier
 
-    sampling = json.loads((SHIPPED / "sampling.json").read_text())
-    classifier, evaluator_accuracy = train_frame_classifier(sampling["size"], sampling["digit_size"])
+    recipe = yaml.safe_load(CONFIG.read_text())["data"]
+    classifier, evaluator_accuracy = train_frame_classifier(recipe["frame_size"], recipe["digit_size"])
     assert evaluator_accuracy >= 0.95
-    clips, labels, _, _ = generate_clips(
-        SHIPPED, 2, sampling["num_inference_steps"], sampling["guidance_scale"], seed=7
-    )
-    metrics = clip_metrics(classifier, clips, labels)
+    pipe = VideoDiTPipeline.from_pretrained(str(SHIPPED))
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat(2)
+    frames = pipe(labels.tolist(), generator=torch.Generator().manual_seed(7), output_type="pt").frames
+    metrics = clip_metrics(classifier, frames[:, :, 0] * 2 - 1, labels)
     assert metrics["frame_accuracy"] >= FRAME_ACCURACY_BOUND, metrics
-    assert metrics["clip_accuracy"] >= 0.85, metrics
+    assert metrics["clip_accuracy"] >= 0.9, metrics
 
 
-def test_generate_defaults_to_the_folders_sampling_settings(tmp_path, monkeypatch):
-    # `python -m zoo.generate` samples at the settings the folder's figures were measured at, unless told.
+def test_generate_defaults_to_the_pipelines_settings(tmp_path, monkeypatch):
+    # `python -m zoo.generate` samples at the pipeline's defaults (the settings the folder's figures were measured
+    # at), unless told; an --out that is a file is refused before anything is sampled.
     seen = []
     original = VideoDiTPipeline.__call__
 
@@ -268,11 +291,17 @@ def test_generate_defaults_to_the_folders_sampling_settings(tmp_path, monkeypatc
         return original(self, *args, **{**kwargs, "num_inference_steps": 1})
 
     monkeypatch.setattr(VideoDiTPipeline, "__call__", spy)
-    sampling = json.loads((SHIPPED / "sampling.json").read_text())
     generate_main([str(SHIPPED), "--labels", "3", "--out", str(tmp_path / "a")])
     generate_main([str(SHIPPED), "--labels", "3", "--out", str(tmp_path / "b"), "--steps", "5", "--guidance", "1.5"])
-    assert seen == [(sampling["num_inference_steps"], sampling["guidance_scale"]), (5, 1.5)]
-    assert Image.open(tmp_path / "a" / "0-label=3.gif").n_frames == sampling["num_frames"]
+    assert seen == [(None, None), (5, 1.5)]
+    index = json.loads((SHIPPED / "model_index.json").read_text())
+    assert (index["num_inference_steps"], index["guidance_scale"]) == (25, 8.0)
+    assert Image.open(tmp_path / "a" / "0-label=3.gif").n_frames == 16
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(VideoDiTPipeline, "__call__", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main([str(SHIPPED), "--labels", "3", "--out", str(tmp_path / "file")])
+    assert exit_info.value.code == 2
 
 
 def test_benchmark_names_runs_and_stamps_its_command(tmp_path, monkeypatch):

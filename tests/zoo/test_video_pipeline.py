@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import export_to_gif
 
 from blocks.pyramid_sparse import PSAConfig
-from zoo.video import VideoDiT, VideoDiTPipeline
+from zoo.video import VideoDiT, VideoDiTPipeline, disable_psa, enable_psa, psa_state
 
 CALL = dict(class_labels=[1, 4], num_frames=4, height=16, width=16, num_inference_steps=3, guidance_scale=3.0)
 SMALL_PSA = dict(block_q=16, block_k=8, tile_size=(2, 4, 4))
@@ -105,7 +105,7 @@ def test_psa_and_dense_share_weights_and_agree_at_full_density(pipe):
     with torch.no_grad():
         dense = pipe.transformer.eval()(x, t, labels).sample
         torch.testing.assert_close(psa.eval()(x, t, labels).sample, dense, atol=1e-5, rtol=1e-5)
-        psa.set_attention("psa", PSAConfig(warmup_steps=1, **SMALL_PSA))
+        enable_psa(psa, PSAConfig(warmup_steps=1, **SMALL_PSA))
         assert psa.config.psa_config["level_bounds"] == [0.10, 0.15, 0.15, 0.35]
         torch.testing.assert_close(psa(x, t, labels, denoising_step=0).sample, dense, atol=1e-5, rtol=1e-5)
         sparse = psa(x, t, labels, denoising_step=1).sample
@@ -120,8 +120,8 @@ def test_psa_pipeline_round_trip_keeps_the_psa_config(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = VideoDiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.transformer.blocks[0].attn.attention == "psa"
-    assert loaded.transformer.blocks[0].attn.psa.config == PSAConfig(warmup_steps=1, **SMALL_PSA)
+    assert loaded.transformer.config.attention == "psa"
+    assert psa_state(loaded.transformer).config == PSAConfig(warmup_steps=1, **SMALL_PSA)
     np.testing.assert_array_equal(_frames(loaded), first)
 
 
@@ -191,7 +191,7 @@ def test_sizes_on_the_meta_device():
     assert counts["xs"] < 250_000 and 4e6 < counts["s"] < 7e6 and 1.4e9 < counts["wan-1.3b"] < 1.6e9
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "flex", "masked"])
 def test_psa_gives_the_same_output_and_grads_on_every_kernel_backend(backend, monkeypatch, caplog):
     # PSA is a translation to the block-sparse op: every backend runs it (the Triton one interpreted on the CPU
     # here, fp32), compared with the gather path (CPU training's); FlexAttention has no CPU backward.
@@ -215,3 +215,132 @@ def test_psa_gives_the_same_output_and_grads_on_every_kernel_backend(backend, mo
         assert len(results[1][1]) == len(results[0][1]) > 0
         for got, want in zip(results[1][1], results[0][1], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_defaults_come_from_the_model_and_survive_save_and_load(tmp_path, monkeypatch):
+    # The clip size from the transformer's config (what it was trained on), steps and guidance from the pipeline's
+    # registered config: a call with labels only uses them, and save_pretrained/from_pretrained keep them.
+    model = _model(sample_size=8, sample_frames=2)
+    pipe = VideoDiTPipeline(model, FlowMatchEulerDiscreteScheduler(), num_inference_steps=2, guidance_scale=1.5)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    original = FlowMatchEulerDiscreteScheduler.set_timesteps
+
+    def spy(self, num_inference_steps=None, *args, **kwargs):
+        calls.append(num_inference_steps)
+        return original(self, num_inference_steps, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", spy)
+    first = pipe([1, 4], generator=torch.Generator().manual_seed(0)).frames
+    assert first.shape == (2, 2, 8, 8, 3) and calls == [2]
+    explicit = pipe(
+        [1, 4], num_frames=2, height=8, width=8, num_inference_steps=2, guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(0),
+    ).frames  # fmt: skip
+    np.testing.assert_array_equal(first, explicit)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["num_inference_steps"] == 2 and index["guidance_scale"] == 1.5
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert config["sample_size"] == 8 and config["sample_frames"] == 2
+    loaded = VideoDiTPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.num_inference_steps == 2 and loaded.config.guidance_scale == 1.5
+    assert loaded.default_size == (2, 8, 8)
+    np.testing.assert_array_equal(loaded([1, 4], generator=torch.Generator().manual_seed(0)).frames, first)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        VideoDiTPipeline(model, FlowMatchEulerDiscreteScheduler(), guidance_scale=float("inf"))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        VideoDiTPipeline(model, FlowMatchEulerDiscreteScheduler(), num_inference_steps=0)
+    with pytest.raises(ValueError, match="sample_size"):
+        _model(sample_size=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+        (dict(class_labels=[1, 2.5]), r"class_labels must be integers, got 2.5 \(float\)"),
+        (dict(class_labels=["3"]), "class_labels must be integers, got '3'"),
+        (dict(class_labels=[True]), "class_labels must be integers, got True"),
+        (dict(class_labels=torch.tensor([1.0, 2.0])), "class_labels must be integers.*float32"),
+        (dict(class_labels=np.array([0.5])), "class_labels must be integers.*float64"),
+    ],
+)
+def test_bad_guidance_and_labels_fail_before_sampling(pipe, monkeypatch, change, message):
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pipe.transformer, "forward", never)
+    with pytest.raises(ValueError, match=message):
+        pipe(**{**CALL, **change})
+
+
+def test_integer_label_arrays_are_accepted(pipe):
+    from zoo.video.pipeline import _labels
+
+    assert _labels(np.array([1, 4])) == _labels(torch.tensor([1, 4])) == _labels((np.int64(1), 4)) == [1, 4]
+    np.testing.assert_array_equal(_frames(pipe, class_labels=torch.tensor([1, 4])), _frames(pipe))
+
+
+def test_from_pretrained_verifies_the_manifest_and_names_the_failing_file(pipe, tmp_path):
+    from zoo.video import ManifestError, write_manifest
+
+    pipe.save_pretrained(tmp_path)
+    write_manifest(tmp_path)
+    VideoDiTPipeline.from_pretrained(tmp_path)  # intact: loads
+    config = tmp_path / "transformer" / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original.replace(b'"num_heads": 4', b'"num_heads": 2'))
+    with pytest.raises(ManifestError, match=r"transformer/config.json does not match its sha256"):
+        VideoDiTPipeline.from_pretrained(tmp_path)
+    config.write_bytes(original)
+    extra = tmp_path / "transformer" / "diffusion_pytorch_model.bin"
+    extra.write_bytes(b"unlisted")
+    with pytest.raises(ManifestError, match=r"diffusion_pytorch_model.bin is not listed"):
+        VideoDiTPipeline.from_pretrained(tmp_path)
+    extra.unlink()
+    (tmp_path / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ManifestError, match=r"scheduler_config.json is listed in MANIFEST.sha256 but missing"):
+        VideoDiTPipeline.from_pretrained(tmp_path)
+
+
+def test_one_switch_for_the_zoo_video_dit(pipe):
+    # enable_psa/disable_psa are the VideoDiT's switch as for diffusers' models: processors on diffusers'
+    # convention, the config kept up to date, every original processor put back.
+    from zoo.video import PSAAttnProcessor, VideoDiTAttnProcessor
+
+    model = _model()
+    assert not hasattr(model, "set_attention")
+    originals = dict(model.attn_processors)
+    assert len(originals) == 2 and all(isinstance(p, VideoDiTAttnProcessor) for p in originals.values())
+    state = enable_psa(model, PSAConfig(warmup_steps=2, **SMALL_PSA))
+    assert all(isinstance(p, PSAAttnProcessor) for p in model.attn_processors.values())
+    assert model.config.attention == "psa" and model.config.psa_config == state.config.to_dict()
+    assert psa_state(model) is state
+    model.eval()
+    x, t, labels = torch.randn(1, 3, 4, 16, 16), torch.tensor([500.0]), torch.tensor([2])
+    with torch.no_grad():
+        sparse = model(x, t, labels).sample  # no step given (training): PSA
+        warm = model(x, t, labels, denoising_step=1).sample  # inside the warm-up: the original processor
+        after = model(x, t, labels, denoising_step=2).sample
+        disable_psa(model)
+        dense = model(x, t, labels).sample
+    assert model.attn_processors == originals and psa_state(model) is None
+    assert model.config.attention == "dense" and model.config.psa_config is None
+    assert torch.equal(warm, dense) and torch.equal(after, sparse) and not torch.allclose(sparse, dense, atol=1e-4)
+    assert not model._forward_pre_hooks  # VideoDiT gets the step as an argument, not from a hook
+
+
+def test_psa_copies_are_independent(pipe):
+    # The training EMA deep-copies the model: the copy's processors must share the copy's state, not the original's.
+    import copy
+
+    model = _model(attention="psa", psa_config=PSAConfig(warmup_steps=0, **SMALL_PSA).to_dict())
+    twin = copy.deepcopy(model)
+    assert psa_state(twin) is not psa_state(model)
+    assert all(p.state is psa_state(twin) for p in twin.attn_processors.values())
+    with torch.no_grad():
+        twin.eval()(torch.randn(1, 3, 4, 16, 16), 500.0, torch.tensor([1]))
+    assert psa_state(twin).densities and not psa_state(model).densities

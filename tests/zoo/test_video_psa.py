@@ -152,7 +152,9 @@ def test_cogvideox_full_density_reproduces_dense_and_default_is_bounded():
 
 def test_bad_arguments_raise_value_error(wan):
     model, _, _ = wan
-    with pytest.raises(ValueError, match="WanTransformer3DModel or CogVideoXTransformer3DModel"):
+    with pytest.raises(
+        ValueError, match="enable_psa expects one of WanTransformer3DModel, CogVideoXTransformer3DModel"
+    ):
         enable_psa(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="PSAConfig"):
         enable_psa(model, {"block_q": 32})

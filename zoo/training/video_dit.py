@@ -13,7 +13,8 @@ label embedding) so that sampling can use classifier-free guidance. timm's `Mode
 of the weights; samples, the exported pipeline and the shipped checkpoint use it.
 
 At the end of a fit the EMA weights leave as a diffusers folder, `<log_dir>/pipeline/` (`model_index.json`,
-`transformer/`, `scheduler/`, plus `sampling.json` with the clip size it was trained on), that
+`transformer/`, `scheduler/`; the clip size it was trained on in the transformer's `sample_frames` and
+`sample_size`, the pipeline's defaults), that
 `VideoDiTPipeline.from_pretrained` loads; `<log_dir>/training_summary.json` records steps and wall time.
 """
 
@@ -38,6 +39,7 @@ from timm.utils import ModelEmaV3
 
 from ..video.dit import VIDEO_DIT_SIZES, VideoDiT
 from ..video.pipeline import VideoDiTPipeline
+from ..video.psa import psa_state
 
 __all__ = ["VideoDiTTask", "VideoSamples", "export_pipeline"]
 
@@ -186,7 +188,8 @@ class VideoDiTTask(LightningModule):
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x0.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        density = self.model.blocks[0].attn.psa.last_density if h.attention == "psa" else None
+        state = psa_state(self.model)
+        density = state.densities.get(0) if state is not None else None
         if density is not None:
             self.log("train/psa_density", density.float(), on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
@@ -270,17 +273,19 @@ class VideoDiTTask(LightningModule):
 def export_pipeline(task: VideoDiTTask, folder: str | os.PathLike, clip: dict[str, int] | None = None) -> None:
     """Save the task's sampling weights (EMA when kept) as a diffusers folder `VideoDiTPipeline` loads.
 
-    The transformer is saved in float32 and in dense-or-PSA form as trained; `clip` (num_frames, size) goes
-    to `sampling.json` beside `model_index.json`, so that generation knows the clip size trained on.
+    The transformer is saved in float32 and in dense-or-PSA form as trained; `clip` (`num_frames`, `size`: the
+    clip trained on) becomes the transformer's `sample_frames` and `sample_size`, the pipeline's default size.
     """
     source = task.sampling_model
+    clip = clip or {}
+    trained = {"sample_frames": clip["num_frames"]} if "num_frames" in clip else {}
+    if "size" in clip:
+        trained["sample_size"] = clip["size"]
     # A fresh model from the config: the EMA copy may sit under a precision plugin's dtype or on a device.
-    model = VideoDiT.from_config(source.config)
+    model = VideoDiT.from_config({**source.config, **trained})
     model.load_state_dict({k: v.detach().float().cpu() for k, v in source.state_dict().items()})
     pipe = VideoDiTPipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
-    with open(os.path.join(folder, "sampling.json"), "w") as f:
-        json.dump({"num_frames": 16, "size": 32, **(clip or {})}, f, indent=2)
 
 
 class VideoSamples(Callback):

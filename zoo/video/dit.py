@@ -5,10 +5,16 @@ A diffusers model (`ModelMixin` + `ConfigMixin`, so `save_pretrained` / `from_pr
 class-label conditioning (diffusers' `CombinedTimestepLabelEmbeddings`; its extra "null" label is the
 unconditional input of classifier-free guidance), DiT blocks with adaLN-zero modulation
 (Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023), 3-D rotary positions split
-over (t, h, w) as Wan splits them, or learned positions, and a self-attention that is dense SDPA or
-Pyramid Sparse Attention per config (`blocks.pyramid_sparse.VideoSelfAttention`; the two share every
-weight). It predicts the flow-matching velocity (noise - data) that `FlowMatchEulerDiscreteScheduler`
-integrates.
+over (t, h, w) as Wan splits them, or learned positions. Self-attention follows diffusers' attention-processor
+convention (`VideoDiTAttention` is an `AttentionModuleMixin`, the model an `AttentionMixin`): the default
+processor runs dense attention through diffusers' `dispatch_attention_fn` (so `set_attention_backend` works),
+and `zoo.video.enable_psa` / `disable_psa` swap in Pyramid Sparse Attention exactly as for diffusers' own video
+transformers; `attention="psa"` in the config is that same switch applied at construction, and
+`enable_psa`/`disable_psa` record it in the config so `save_pretrained` keeps it. It predicts the
+flow-matching velocity (noise - data) that `FlowMatchEulerDiscreteScheduler` integrates.
+
+`sample_size` and `sample_frames` record the clip the model was trained on (pixels and frames); the
+pipeline's defaults come from them, as diffusers' pipelines take theirs from `sample_size`.
 
 Sizes (`VideoDiT.from_size`): "xs" and "s" train on a CPU (0.18 M and 5.5 M parameters), "b" is
 DiT-B-like (130 M), "wan-1.3b" has Wan2.1-1.3B's width, depth, heads and FFN on 16 latent channels
@@ -22,14 +28,16 @@ import math
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, get_1d_rotary_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, trunc_normal_
 
-from blocks.pyramid_sparse import PSAConfig, VideoSelfAttention
+from blocks.pyramid_sparse import PSAConfig, apply_rotary_interleaved
 
-__all__ = ["VIDEO_DIT_SIZES", "VideoDiT", "VideoDiTBlock"]
+__all__ = ["VIDEO_DIT_SIZES", "VideoDiT", "VideoDiTAttnProcessor", "VideoDiTAttention", "VideoDiTBlock"]
 
 VIDEO_DIT_SIZES: dict[str, dict] = {
     "xs": dict(hidden_size=64, num_layers=2, num_heads=4),
@@ -44,23 +52,99 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale[:, None, None, None]) + shift[:, None, None, None]
 
 
+class VideoDiTAttnProcessor:
+    """Dense self-attention of a `VideoDiTAttention` through diffusers' `dispatch_attention_fn`."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: VideoDiTAttention,
+        hidden_states: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        denoising_step: int | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (B, T, H, W, C) -> (B, T, H, W, C); `denoising_step` is for processors that use it."""
+        q, k, v = attn.heads_qkv(hidden_states, rotary_emb)
+        out = dispatch_attention_fn(
+            *(x.transpose(1, 2) for x in (q, k, v)),
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )  # (B, L, heads, head_dim)
+        return attn.output(out.transpose(1, 2), hidden_states.shape)
+
+
+class VideoDiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention on channels-last video: q/k/v projection, per-head RMSNorm on queries and keys,
+    rotary positions, the processor's attention, output projection.
+
+    Args:
+        dim: channels C.
+        num_heads: heads; `dim` must be divisible by it.
+        qk_norm: RMSNorm on each head's queries and keys.
+        processor: the attention processor (`VideoDiTAttnProcessor` when None).
+    """
+
+    _default_processor_cls = VideoDiTAttnProcessor
+    _available_processors = [VideoDiTAttnProcessor]
+    _supports_qkv_fusion = False  # q, k and v already come from one projection
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, processor=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.heads, self.head_dim = num_heads, dim // num_heads
+        # Parameter names as in the checkpoints saved before the processor convention (qkv, q_norm, k_norm, proj).
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    def heads_qkv(
+        self, x: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, H, W, C) -> q, k, v (B, heads, T*H*W, head_dim), queries and keys normed and rotated."""
+        b, t, h, w, c = x.shape
+        q, k, v = self.qkv(x.reshape(b, t * h * w, c)).view(b, -1, 3, self.heads, self.head_dim).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if rotary_emb is not None:
+            q, k = apply_rotary_interleaved(q, *rotary_emb), apply_rotary_interleaved(k, *rotary_emb)
+        return q, k, v
+
+    def output(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """out: (B, heads, L, head_dim) -> the output projection, (B, T, H, W, C) as `shape`."""
+        return self.proj(out.transpose(1, 2).reshape(shape))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        denoising_step: int | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            hidden_states: (B, T, H, W, C).
+            rotary_emb: (cos, sin), each (T*H*W, head_dim), rotary angles of the row-major tokens.
+            denoising_step: the sampling step, for PSA's dense warm-up.
+
+        Returns:
+            (B, T, H, W, C).
+        """
+        if hidden_states.dim() != 5 or hidden_states.shape[-1] != self.qkv.in_features:
+            raise ValueError(
+                f"VideoDiTAttention expects (B, T, H, W, {self.qkv.in_features}), got {tuple(hidden_states.shape)}"
+            )
+        return self.processor(self, hidden_states, rotary_emb=rotary_emb, denoising_step=denoising_step)
+
+
 class VideoDiTBlock(nn.Module):
     """DiT block with adaLN-zero on channels-last video (B, T, H, W, C): the gates start at zero."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mlp_dim: int,
-        qk_norm: bool = True,
-        attention: str = "dense",
-        psa_config: PSAConfig | None = None,
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_dim: int, qk_norm: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = VideoSelfAttention(
-            hidden_size, num_heads, qk_norm=qk_norm, attention=attention, psa_config=psa_config
-        )
+        self.attn = VideoDiTAttention(hidden_size, num_heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_dim, act_layer=lambda: nn.GELU(approximate="tanh"))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -69,11 +153,13 @@ class VideoDiTBlock(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, step: int | None
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1[:, None, None, None] * self.attn(_modulate(self.norm1(x), shift1, scale1), rope=rope, step=step)
+        x = x + gate1[:, None, None, None] * self.attn(
+            _modulate(self.norm1(x), shift1, scale1), rotary_emb=rope, denoising_step=step
+        )
         return x + gate2[:, None, None, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
+class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
     """Class-conditional video diffusion transformer.
 
     Args:
@@ -116,8 +202,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         attention: str = "dense",
         psa_config: dict | None = None,
+        sample_size: int | tuple[int, int] = 32,
+        sample_frames: int = 8,
     ):
         super().__init__()
+        if attention not in ("dense", "psa"):
+            raise ValueError(f"attention must be 'dense' or 'psa', got {attention!r}")
         if pos_embed not in ("rope", "learned"):
             raise ValueError(f"pos_embed must be 'rope' or 'learned', got {pos_embed!r}")
         if hidden_size % num_heads:
@@ -131,6 +221,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         # Wan's split of the rotary channels: equal even shares for h and w, the rest for t.
         self.rope_dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
         psa = PSAConfig(**psa_config) if psa_config is not None else None
+        sizes = (sample_size,) * 2 if isinstance(sample_size, int) else tuple(sample_size)
+        if len(sizes) != 2 or not all(isinstance(s, int) and s > 0 for s in (*sizes, sample_frames)):
+            raise ValueError(
+                f"sample_size must be a positive int or (height, width) and sample_frames a positive int, got "
+                f"{sample_size!r} and {sample_frames!r}"
+            )
 
         self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch, stride=self.patch)
         self.condition = CombinedTimestepLabelEmbeddings(num_classes, hidden_size, class_dropout_prob)
@@ -139,16 +235,17 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if pos_embed == "learned":
             self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, hidden_size)) for n in max_grid)
         self.blocks = nn.ModuleList(
-            [
-                VideoDiTBlock(hidden_size, num_heads, mlp_dim or 4 * hidden_size, qk_norm, attention, psa)
-                for _ in range(num_layers)
-            ]
+            [VideoDiTBlock(hidden_size, num_heads, mlp_dim or 4 * hidden_size, qk_norm) for _ in range(num_layers)]
         )
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.proj_out = nn.Linear(hidden_size, math.prod(self.patch) * out_channels)
         self.gradient_checkpointing = False
         self._init_weights()
+        if attention == "psa":
+            from .psa import enable_psa  # psa.py knows this class; importing it at the top would be circular
+
+            enable_psa(self, psa)
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> VideoDiT:
@@ -178,18 +275,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         for layer in (self.modulation_out[-1], self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def set_attention(self, attention: str, psa_config: PSAConfig | None = None) -> None:
-        """Switch every block between "dense" and "psa" (weights untouched; the config records it)."""
-        if psa_config is not None and not isinstance(psa_config, PSAConfig):
-            raise ValueError(f"psa_config must be a PSAConfig, got {type(psa_config).__name__}")
-        for block in self.blocks:
-            block.attn.set_attention(attention)
-            if psa_config is not None:
-                block.attn.psa.config = psa_config
-        self.register_to_config(attention=attention)
-        if psa_config is not None:
-            self.register_to_config(psa_config=psa_config.to_dict())
 
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = [], []
