@@ -321,6 +321,18 @@ class _StepHook:
             self.state.observe(timestep)
 
 
+def _get_processor(attn):
+    # diffusers' MochiAttention holds a `processor` without the get/set methods of the other attention classes.
+    return attn.get_processor() if hasattr(attn, "get_processor") else attn.processor
+
+
+def _set_processor(attn, processor) -> None:
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
+
+
 def _spec(model) -> tuple | None:
     for cls, spec in _SELF_ATTENTION.items():
         if isinstance(model, cls):
@@ -359,8 +371,8 @@ def enable_psa(target, config: PSAConfig | None = None) -> PSAState:
     for model in models:
         modules, text = _spec(model)
         for layer, attn in enumerate(modules(model)):
-            original = attn.get_processor()
-            attn.set_processor(_processor_class(type(original))(original, state, layer, text))
+            original = _get_processor(attn)
+            _set_processor(attn, _processor_class(type(original))(original, state, layer, text))
         if isinstance(model, VideoDiT):
             model.register_to_config(attention="psa", psa_config=state.config.to_dict())
         else:
@@ -375,10 +387,10 @@ def disable_psa(target) -> None:
     for model in _transformers(target):
         modules, _ = _spec(model)
         for attn in modules(model):
-            processor = attn.get_processor()
+            processor = _get_processor(attn)
             while isinstance(processor, PSAAttnProcessor):
                 processor = processor.original
-            attn.set_processor(processor)
+            _set_processor(attn, processor)
         hook = getattr(model, _HOOK_ATTR, None)
         if hook is not None:
             hook.remove()
