@@ -39,6 +39,7 @@ from kernels import block_sparse_attention, tables_from_level_map
 
 __all__ = [
     "POOL_FACTORS",
+    "PSA_PRESETS",
     "PSAConfig",
     "PyramidSparseAttention",
     "VideoSelfAttention",
@@ -162,11 +163,74 @@ class PSAConfig:
         """A config that keeps every key block at full resolution: PSA then equals dense attention."""
         return cls(**{"assignment": "quota", "level_bounds": (1.0, 1.0, 1.0, 1.0), "warmup_steps": 0, **overrides})
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> PSAConfig:
+        """The official repository's configuration for a model, by name (`PSA_PRESETS` lists them).
+
+        Args:
+            name: e.g. "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-ti2v-5b", "cogvideox-5b",
+                "cogvideox1.5-5b", "qwen2.5-vl" (case-insensitive).
+            overrides: fields to change, e.g. `warmup_steps=0`.
+        """
+        key = str(name).lower()
+        if key not in PSA_PRESETS:
+            raise ValueError(f"unknown PSA preset {name!r}; presets: {', '.join(sorted(PSA_PRESETS))}")
+        return cls(**{**PSA_PRESETS[key], **overrides})
+
     def to_dict(self) -> dict:
         """JSON-friendly fields (tuples as lists), e.g. for a diffusers model config."""
         return {
             f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
         }
+
+
+# The official repository's per-model settings (github.com/ziplab/Pyramid-Sparse-Attention, configs/
+# attention_config.yaml: each model's default "psa_balanced" entry unless named otherwise; the Qwen2.5-VL example's
+# default for "qwen2.5-vl"), in this config's terms: block_size m/n -> block_q/block_k, mask_mode topk -> "quota"
+# and thresholdbound/energybound -> "threshold", the upper ends of mask_ratios for levels 1/2/4/8 -> level_bounds,
+# use_sim_mask and sim_thresholds -> use_similarity and similarity_thresholds, use_rearrange (Gilbert) -> reorder.
+PSA_PRESETS: dict[str, dict] = {
+    "wan2.1-1.3b": dict(
+        block_q=128, block_k=128, assignment="threshold", level_bounds=(0.5, 0.6, 0.7, 0.8), use_similarity=True,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    # The same model's "psa_topk" entry: fixed quotas, 5% of key blocks full, 25% kept in all.
+    "wan2.1-1.3b-topk": dict(
+        block_q=128, block_k=32, assignment="quota", level_bounds=(0.05, 0.1, 0.15, 0.25), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.65), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    "wan2.1-14b": dict(
+        block_q=128, block_k=128, assignment="threshold", level_bounds=(0.4, 0.5, 0.6, 0.8), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    "wan2.2-a14b": dict(
+        block_q=128, block_k=32, assignment="threshold", level_bounds=(0.5, 0.6, 0.6, 0.8), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=12,
+    ),
+    "wan2.2-ti2v-5b": dict(
+        block_q=128, block_k=32, assignment="threshold", level_bounds=(0.6, 0.7, 0.7, 0.8), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    "cogvideox-5b": dict(
+        block_q=128, block_k=128, assignment="quota", level_bounds=(0.1, 0.15, 0.15, 0.35), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="none", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    # CogVideoX-5B's 4-step LoRA entry ("psa_4steps"): no warm-up in four steps.
+    "cogvideox-5b-4steps": dict(
+        block_q=128, block_k=128, assignment="quota", level_bounds=(0.05, 0.15, 0.25, 0.5), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="none", tile_size=(2, 8, 8), warmup_steps=0,
+    ),
+    "cogvideox1.5-5b": dict(
+        block_q=128, block_k=32, assignment="quota", level_bounds=(0.1, 0.15, 0.15, 0.35), use_similarity=False,
+        similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
+    ),
+    # Video understanding (causal, text and vision tokens in one sequence): the Qwen2.5-VL example's default,
+    # energy-bounded with blocks of 128 queries and keys, no token reordering.
+    "qwen2.5-vl": dict(
+        block_q=128, block_k=128, assignment="threshold", level_bounds=(0.7, 0.8, 0.9, 0.9), use_similarity=False,
+        similarity_thresholds=(0.75, 0.7, 0.7), reorder="none", warmup_steps=0,
+    ),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- planning
