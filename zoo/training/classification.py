@@ -39,6 +39,19 @@ __all__ = ["ImageClassifier", "export_hub_folder", "export_safetensors"]
 log = logging.getLogger(__name__)
 
 
+def _check_ranges(**values: tuple[float | None, str]) -> None:
+    """Each name -> (value, interval such as "[0, 1)" or "(0, inf)"): a ValueError names the first value outside
+    its interval, NaN included; None passes. These used to surface as NaN losses or optimizer errors mid-run."""
+    for name, (value, interval) in values.items():
+        if value is None:
+            continue
+        low, high = (float(v) for v in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):  # also for NaN
+            raise ValueError(f"model.{name} must lie in {interval}, got {value}")
+
+
 class ImageClassifier(LightningModule):
     """Single-label image classification with a `timm.create_model` backbone.
 
@@ -123,6 +136,18 @@ class ImageClassifier(LightningModule):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+        _check_ranges(
+            lr=(lr, "(0, inf)"),
+            warmup_lr=(warmup_lr, "[0, inf)"),
+            min_lr=(min_lr, "[0, inf)"),
+            weight_decay=(weight_decay, "[0, inf)"),
+            warmup_epochs=(warmup_epochs, "[0, inf)"),
+            mixup=(mixup, "[0, inf)"),
+            cutmix=(cutmix, "[0, inf)"),
+            mixup_prob=(mixup_prob, "[0, 1]"),
+            label_smoothing=(label_smoothing, "[0, 1)"),
+            ema_decay=(ema_decay, "[0, 1)"),
+        )
         if ema_validate and ema_decay is None:
             raise ValueError("model.ema_validate needs model.ema_decay")
         if lr_scales and layer_decay is not None:

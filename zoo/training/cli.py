@@ -14,7 +14,9 @@ mean/std) is the model's `pretrained_cfg` where the data settings are left at th
 Later `--config` files and flags override earlier ones; `--print_config` shows the resolved whole. A bad
 key, type, data directory or class folder stops the run before training with one line naming it.
 Metrics go to `<default_root_dir>/lightning_logs/version_N/metrics.csv`, checkpoints (best by val/acc1
-and last) under `.../checkpoints/`, and the best weights to `.../best.safetensors`.
+and last) under `.../checkpoints/`, and the best weights to `.../best.safetensors`. A fit resumed from a checkpoint
+of `version_N` (`--ckpt_path last`, or a path there) logs on into `version_N`: its metrics.csv keeps the epochs
+before the checkpoint and gets the rest, so one run's history is one file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -34,9 +37,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from timm.data import resolve_data_config
 
-from .checkpointing import AtomicCheckpointIO
+from .checkpointing import AtomicCheckpointIO, ContinuedCSVLogger
 from .classification import ImageClassifier
-from .data import ImageClassificationData
+from .data import DataError, ImageClassificationData
 
 __all__ = ["ClassificationCLI", "find_last_checkpoint", "main"]
 
@@ -137,7 +140,7 @@ class ClassificationCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
             # Bad paths and settings found while building the data, model or trainer: one line, no traceback.
             self.parser.error(f"{type(e).__name__}: {e}")
 
@@ -145,27 +148,60 @@ class ClassificationCLI(LightningCLI):
         config = self.config_init.get("trainer", {})
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = CSVLogger(save_dir=root, name="lightning_logs")
+            kwargs["logger"] = self._csv_logger(root)
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def _resolve_ckpt_path(self, root: str) -> str | None:
+        """`--ckpt_path`, with 'last' resolved under root; a missing file stops the run with one line."""
+        if not hasattr(self, "_ckpt_path"):
+            ckpt_path = self.config.get("ckpt_path")
+            if ckpt_path == "last":
+                try:
+                    ckpt_path = find_last_checkpoint(root)
+                except FileNotFoundError as e:
+                    self.parser.error(str(e))
+            elif ckpt_path is not None and not os.path.isfile(ckpt_path):
+                self.parser.error(f"ckpt_path: file {ckpt_path!r} does not exist")
+            self._ckpt_path = ckpt_path
+        return self._ckpt_path
+
+    def _csv_logger(self, root: str) -> CSVLogger:
+        """A new `version_N`; for a fit resumed from `root/lightning_logs/version_N/checkpoints/`, that version,
+        its metrics.csv continued from the checkpoint's step."""
+        ckpt_path = self._resolve_ckpt_path(root) if getattr(self, "mode", "fit") == "fit" else None
+        if ckpt_path is not None:
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+            match = re.fullmatch(r"version_(\d+)", os.path.basename(run_dir))
+            if match and os.path.dirname(run_dir) == os.path.join(os.path.abspath(root), "lightning_logs"):
+                return ContinuedCSVLogger(
+                    root, "lightning_logs", version=int(match.group(1)), resume_step=self._resume_step(ckpt_path)
+                )
+        return CSVLogger(save_dir=root, name="lightning_logs")
+
+    def _resume_step(self, ckpt_path: str) -> int:
+        """The `step` metrics.csv had reached when ckpt_path was saved (optimizer steps taken)."""
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a damaged or foreign file: say which, in one line
+            self.parser.error(f"ckpt_path: cannot read {ckpt_path!r} as a Lightning checkpoint ({type(e).__name__})")
+        loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
+
     def fit(self) -> None:
-        ckpt_path = self.config.get("ckpt_path")
-        if ckpt_path == "last":
-            try:
-                ckpt_path = find_last_checkpoint(self.trainer.default_root_dir)
-            except FileNotFoundError as e:
-                self.parser.error(str(e))
-        elif ckpt_path is not None and not os.path.isfile(ckpt_path):
-            self.parser.error(f"ckpt_path: file {ckpt_path!r} does not exist")
+        ckpt_path = self._resolve_ckpt_path(self.trainer.default_root_dir)
         try:
             self.trainer.fit(self.model, self.datamodule, ckpt_path=ckpt_path)
         except FloatingPointError as e:
             sys.stderr.write(f"error: {e}\n")
             sys.exit(1)
+        except DataError as e:
+            # Raised in a loader worker, the message carries the worker's traceback: its last line is the error.
+            sys.stderr.write(f"error: {str(e).strip().splitlines()[-1].removeprefix(DataError.__module__ + '.')}\n")
+            sys.exit(2)
 
     def validate(self) -> dict[str, float]:
         """Evaluate the loaded weights on the val split; print and return top-1/top-5 (%) and loss."""

@@ -8,13 +8,19 @@ ImageFolder layout, any image format PIL opens). Transforms are timm's `create_t
 Training draws are reproducible by construction: the sampler's order is a function of (seed, epoch) and
 each image's augmentation a function of (seed, epoch, position in the epoch), whatever the number of
 loader workers and wherever a run was resumed.
+
+Bad data stops a run before training with a `DataError` (a `ValueError`) naming it: every image of an
+ImageFolder tree is opened and checked when the data module is made (`verify_images`), an image that cannot be
+decoded later names its file, and a training split with fewer images per process than one batch is refused
+(only full batches are trained, so such a run would train nothing).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,13 +32,66 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
 __all__ = [
+    "DataError",
     "DigitsDataset",
     "EpochSampler",
     "ImageClassificationData",
     "SeededAugmentation",
+    "check_full_batches",
     "check_image_folder",
+    "check_images",
     "image_extensions",
+    "load_rgb_image",
 ]
+
+
+class DataError(ValueError):
+    """Data that cannot train: an unreadable image, a split smaller than one batch. The message names it."""
+
+
+# What PIL raises for a file it cannot identify or decode (truncated, not an image, a decompression bomb).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """The image at path as RGB, decoded now; a file PIL cannot read raises a `DataError` naming it."""
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except _IMAGE_ERRORS as e:
+        raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
+
+
+def _image_problem(path: str) -> str | None:
+    try:
+        with Image.open(path) as f:
+            f.verify()  # the header and, for formats that have them (PNG), the checksums; no decoding
+    except _IMAGE_ERRORS as e:
+        return f"{path!r} ({type(e).__name__}: {e})"
+    return None
+
+
+def check_images(paths: Sequence[str], workers: int = 8) -> None:
+    """Open every image (header and checksums, not the pixels) and raise a `DataError` naming the unreadable ones."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = [p for p in pool.map(_image_problem, paths, chunksize=256) if p is not None]
+    if problems:
+        raise DataError(
+            f"data.root: {len(problems)} of {len(paths)} image files cannot be read, e.g. {'; '.join(problems[:3])} "
+            "(remove or replace them; data.verify_images=false skips this check)"
+        )
+
+
+def check_full_batches(
+    per_process: int, batch_size: int, total: int, world_size: int = 1, what: str = "training split"
+) -> None:
+    """Raise a `DataError` unless each process's share of the split (per_process samples) fills one batch."""
+    if per_process < batch_size:
+        where = f" ({per_process} per process over {world_size})" if world_size > 1 else ""
+        raise DataError(
+            f"the {what} holds {total} samples{where}, fewer than data.batch_size = {batch_size}: only full "
+            "batches are trained, so the run would train nothing; lower data.batch_size or add data"
+        )
 
 
 def image_extensions() -> tuple[str, ...]:
@@ -220,6 +279,9 @@ class ImageClassificationData(LightningDataModule):
         persistent_workers: keep loader processes between epochs. Faster on large data sets, but the workers'
             random state then runs on from one epoch to the next, so a resumed run no longer repeats an
             uninterrupted one exactly.
+        verify_images: ImageFolder only: open every image file when the data module is made (header and, for
+            PNG, checksums; threads), so that a corrupt file stops the run at once, named, rather than when it is
+            drawn. One header read per file (PNG files are read whole); false skips it.
     """
 
     def __init__(
@@ -246,6 +308,7 @@ class ImageClassificationData(LightningDataModule):
         repeated_aug: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        verify_images: bool = True,
     ):
         super().__init__()
         if batch_size < 1:
@@ -255,6 +318,8 @@ class ImageClassificationData(LightningDataModule):
         self.save_hyperparameters()
         # Checked now, before any model is built, so a wrong path stops the run at once.
         self.classes = DigitsDataset.classes if root is None else check_image_folder(root)
+        if root is not None and verify_images:
+            check_images([path for split in ("train", "val") for path, _ in self._dataset(split, None).samples])
         self.num_classes = len(self.classes)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -294,7 +359,10 @@ class ImageClassificationData(LightningDataModule):
             return DigitsDataset(split, h.image_size, h.val_fraction, h.split_seed, transform=transform)
         extensions = image_extensions()
         return ImageFolder(
-            os.path.join(h.root, split), transform=transform, is_valid_file=lambda p: p.lower().endswith(extensions)
+            os.path.join(h.root, split),
+            transform=transform,
+            loader=load_rgb_image,
+            is_valid_file=lambda p: p.lower().endswith(extensions),
         )
 
     @property
@@ -343,6 +411,7 @@ class ImageClassificationData(LightningDataModule):
         # training step's draws use; when in the epoch the loader is started then no longer matters.
         generator = torch.Generator().manual_seed(self.seed)
         # Full batches only: timm's batch-mode mixup needs an even batch, and BatchNorm a batch of more than one.
+        check_full_batches(len(inner), h.batch_size, len(self.train_dataset), world)
         return self._loader(
             self.train_dataset, h.batch_size, EpochSampler(inner, world, rank), drop_last=True, generator=generator
         )

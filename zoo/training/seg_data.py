@@ -31,7 +31,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .data import EpochSampler, SeededAugmentation, image_extensions
+from .data import (
+    _IMAGE_ERRORS,
+    DataError,
+    EpochSampler,
+    SeededAugmentation,
+    check_full_batches,
+    image_extensions,
+    load_rgb_image,
+)
 
 __all__ = [
     "DigitsSegmentation",
@@ -121,10 +129,15 @@ class SegmentationFolder(Dataset):
 
     def load_mask(self, path: str) -> np.ndarray:
         """The (H, W) int64 class indices of an annotation file, with `reduce_zero_label` applied."""
-        with Image.open(path) as f:
-            if f.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"annotation {path!r} has PIL mode {f.mode!r}; expected class indices (L, P or I)")
-            mask = np.asarray(f).astype(np.int64)
+        try:
+            with Image.open(path) as f:
+                if f.mode not in ("L", "P", "I", "I;16"):
+                    raise ValueError(f"annotation {path!r} has PIL mode {f.mode!r}; expected class indices (L, P or I)")
+                mask = np.asarray(f).astype(np.int64)
+        except _IMAGE_ERRORS as e:
+            if str(e).startswith("annotation "):
+                raise
+            raise DataError(f"cannot read annotation {path!r}: {type(e).__name__}: {e}") from None
         if self.reduce_zero_label:
             mask = np.where(mask == 0, self.ignore_index, mask - 1)
             mask[mask == self.ignore_index - 1] = self.ignore_index  # mmseg's rule: 255 stays ignored
@@ -138,8 +151,7 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         image_path, ann_path = self.pairs[i]
-        with Image.open(image_path) as f:
-            image = tv_tensors.Image(v2.functional.pil_to_tensor(f.convert("RGB")))
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb_image(image_path)))
         mask = tv_tensors.Mask(torch.from_numpy(self.load_mask(ann_path)))
         if mask.shape != image.shape[-2:]:
             raise ValueError(
@@ -445,6 +457,7 @@ class SegmentationData(LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         # Full batches only: BatchNorm in the backbones needs more than one sample.
         sampler = EpochSampler(inner, world, rank)
+        check_full_batches(len(inner), self.hparams.batch_size, len(self.train_dataset), world)
         return self._loader(self.train_dataset, self.hparams.batch_size, sampler, drop_last=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:

@@ -24,6 +24,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .data import check_full_batches
+
 __all__ = ["MovingDigits", "MovingDigitsData", "digit_sprites", "render_clip"]
 
 
@@ -218,6 +220,7 @@ class MovingDigitsData(LightningDataModule):
         # The order is a function of (seed, epoch): Lightning calls `set_epoch` before each epoch, so a run
         # resumed at an epoch boundary reads the clips the uninterrupted run would have.
         sampler = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        check_full_batches(len(sampler), h.batch_size, len(self.train_dataset), world, what="epoch of clips")
         return DataLoader(
             self.train_dataset, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers, drop_last=True
         )
