@@ -13,6 +13,12 @@ Input sizes: any H, W >= 32. At 224 x 224 (the released classification models) n
 the outputs equal the official classifier's. Otherwise, as the official detection/segmentation
 backbone does, the image is zero-padded on the bottom/right to a multiple of 4, HiLo pads each map to
 a multiple of its window and crops, and each token merging halves the size rounding down.
+
+Precision and bad values: torchvision's deformable convolution has kernels for float32 and float64 only, so in
+bf16/fp16 (a bf16 model, CPU or CUDA autocast) the token merging computes that one op in float32 and casts its
+output back; everything else runs in the model's or autocast's dtype. NaN or Inf pixels make that image's
+outputs NaN, as in any network; they never reach torchvision's kernel as sampling offsets (which crashed the
+process): see `blocks.hilo.DeformableTokenMerging`.
 """
 
 from __future__ import annotations
