@@ -92,3 +92,21 @@ def test_compile_fullgraph_without_breaks(name):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fx_feature_extraction_as_timms_tests_do(name):
+    # timm's tests/test_models.py traces with create_feature_extractor on the last graph node, eval and train;
+    # the zoo's blocks are registered fx leaves (their fused-kernel dispatch is not symbolically traceable).
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = _model(name)
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    traced = create_feature_extractor(model, return_nodes=[eval_nodes[-1]]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x)[eval_nodes[-1]], model(x), rtol=0, atol=0)
+    traced = create_feature_extractor(model.train(), return_nodes=[train_nodes[-1]]).train()
+    traced(x)[train_nodes[-1]].mean().backward()
+    trainable = [p for p in traced.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)

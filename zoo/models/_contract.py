@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
@@ -46,6 +46,7 @@ def _dtype_fits(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.dtype == dtype or (x.dtype != torch.float64 and _autocast_on(x.device.type))
 
 
+@register_notrace_function  # torch.fx records the check as one call instead of tracing into it
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, dtype: torch.dtype | None = None) -> None:
     """Check a backbone's input before any work is done.
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, to_2tuple
+from timm.layers import ClassifierHead, DropPath, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks._mlp import ResidualMlp
@@ -281,3 +281,9 @@ def zoo_biformer_b(pretrained: bool = False, **kwargs) -> BiFormer:
     """BiFormer-B: 56.8 M parameters, 9.8 GFLOPs, 84.3% ImageNet-1k top-1."""
     model_args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768), **_ARGS)
     return _create_biformer("zoo_biformer_b", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (BiFormerBlock,):
+    register_notrace_module(_leaf)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple
+from timm.layers import ClassifierHead, DropPath, Mlp, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.cross_shaped import CrossShapedWindowAttention
@@ -370,3 +370,9 @@ def zoo_cswin_l_384(pretrained: bool = False, **kwargs) -> CSWin:
     """CSWin-L at 384 x 384: 96.8 GFLOPs, 87.5% top-1 after ImageNet-22k (CSWin_144_24322_large_384)."""
     model_args = dict(embed_dim=144, depths=(2, 4, 32, 2), num_heads=(6, 12, 24, 24), img_size=384)
     return _create_cswin("zoo_cswin_l_384", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (ConvNorm, CSWinBlock):
+    register_notrace_module(_leaf)

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, to_2tuple
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -325,3 +325,9 @@ def zoo_davit_b(pretrained: bool = False, **kwargs) -> DaVit:
     """DaViT-B: 88.0 M parameters, 15.5 GFLOPs, 84.6% ImageNet-1k top-1."""
     model_args = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
     return _create_davit("zoo_davit_b", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (DaVitStem, DaVitDownsample, SpatialBlock, ChannelBlock):
+    register_notrace_module(_leaf)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, to_2tuple
+from timm.layers import ClassifierHead, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.focal_modulation import FocalNetBlock
@@ -393,3 +393,9 @@ def zoo_focalnet_xl_fl4(pretrained: bool = False, **kwargs) -> FocalNet:
     """FocalNet-XL (4 focal levels), ImageNet-22k pre-trained at 384 x 384."""
     model_args = dict(embed_dim=256, **_LARGE, **_FL4)
     return _create_focalnet("zoo_focalnet_xl_fl4", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (FocalNetDownsample, FocalNetBlock):
+    register_notrace_module(_leaf)

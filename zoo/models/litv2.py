@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, to_2tuple
+from timm.layers import ClassifierHead, DropPath, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks._layout import pad_to_multiple
@@ -331,3 +331,9 @@ def zoo_litv2_b_384(pretrained: bool = False, **kwargs) -> LITv2:
     """LITv2-B at 384 x 384: 86.5 M parameters, 39.7 GFLOPs, 84.7% ImageNet-1k top-1."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), img_size=384, **_ARGS)
     return _create_litv2("zoo_litv2_b_384", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (PatchEmbed, LITv2Block, DeformableTokenMerging):
+    register_notrace_module(_leaf)

@@ -37,7 +37,13 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, resize_rel_pos_bias_table, to_2tuple
+from timm.layers import (
+    LayerNorm2d,
+    NormMlpClassifierHead,
+    register_notrace_module,
+    resize_rel_pos_bias_table,
+    to_2tuple,
+)
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from blocks.multi_axis import MaxViTBlock, TfSameConv2d
@@ -599,3 +605,9 @@ def zoo_maxvit_l_384(pretrained: bool = False, **kwargs) -> MaxViT:
 def zoo_maxvit_l_512(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-L at 512 x 512: 245.4 GFLOPs, 86.70% ImageNet-1k top-1 (88.46% from ImageNet-21k)."""
     return _create_maxvit("zoo_maxvit_l_512", pretrained=pretrained, **dict(_SIZES["l"], img_size=512, **kwargs))
+
+
+# torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
+# shapes, which symbolic tracing cannot follow, so they are leaves of the traced graph, as timm does for its own.
+for _leaf in (MaxViTStem, MaxViTBlock):
+    register_notrace_module(_leaf)
