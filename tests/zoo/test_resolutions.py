@@ -132,14 +132,20 @@ def test_224_checkpoint_loads_into_384_maxvit(tmp_path):
     assert torch.equal(large.state_dict()[key], small.state_dict()[key])
 
 
-@pytest.mark.parametrize("name", ["zoo_cswin_b_384", "zoo_litv2_b_384"])
-def test_224_checkpoint_loads_into_384_models_without_tables(name, tmp_path):
-    # CSWin (LePE) and LITv2 carry no size-dependent tensors: the 224 file loads as it is.
-    base = name.removesuffix("_384")
+@pytest.mark.parametrize("name, tiny", [("zoo_cswin_b_384", "zoo_cswin_t"), ("zoo_litv2_b_384", "zoo_litv2_s")])
+def test_224_checkpoint_loads_into_384_models_without_tables(name, tiny, tmp_path):
+    # CSWin (LePE) and LITv2 carry no size-dependent tensors: the 224 weights load unchanged, and the 384 models
+    # have the parameters of the 224 ones (the authors' definitions).
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in timm.create_model(base).state_dict().items()}
-        shapes_384 = {k: v.shape for k, v in timm.create_model(name).state_dict().items()}
-    assert shapes == shapes_384
+        count = lambda n: sum(p.numel() for p in timm.create_model(n).parameters())  # noqa: E731
+        assert count(name) == count(name.removesuffix("_384"))
+    torch.manual_seed(0)
+    small = timm.create_model(name.removesuffix("_384"), **TINY[tiny])
+    path = tmp_path / "w.safetensors"
+    save_file(small.state_dict(), str(path))
+    large = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY[tiny])
+    assert large.img_size == (384, 384)
+    assert all(torch.equal(v, small.state_dict()[k]) for k, v in large.state_dict().items())
 
 
 VARIANTS = {
