@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -333,7 +334,12 @@ class ImageClassifier(LightningModule):
         metrics = {"val top-1 (%)": round(100 * float(score), 3)} if score is not None else None
         datamodule = self.trainer.datamodule
         data_config = _data_config(datamodule) if hasattr(getattr(datamodule, "hparams", None), "image_size") else None
-        export_hub_folder(out, folder, self.hparams.model_kwargs, data_config, metrics)
+        try:
+            export_hub_folder(out, folder, self.hparams.model_kwargs, data_config, metrics)
+        except (ValueError, TypeError, RuntimeError, OSError) as err:  # best.safetensors stands; say why not the folder
+            log.warning("no hub folder written: %s: %s", type(err).__name__, err)
+            print(f"no hub folder written ({type(err).__name__}: {err}); {out} holds the weights", file=sys.stderr)
+            return
         print(f"and as a hub folder: timm.create_model('local-dir:{folder}', pretrained=True)")
 
 

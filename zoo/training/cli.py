@@ -230,7 +230,11 @@ def _model_data_config(model_name: str, model_kwargs: dict | None) -> dict:
     # Built on the meta device: only the cfg is needed, not the weights.
     with torch.device("meta"):
         model = timm.create_model(model_name, **dict(model_kwargs or {}))
-    return resolve_data_config({}, model=model)
+    config = resolve_data_config({}, model=model)
+    size = getattr(model, "img_size", None)
+    if size:  # a model created at another size (model_kwargs img_size) is evaluated at that size
+        config["input_size"] = (config["input_size"][0], *size)
+    return config
 
 
 def main(args: list[str] | None = None) -> None:
