@@ -87,6 +87,10 @@ def test_validate_takes_the_models_eval_transform_unless_overridden(tmp_path):
     assert cli.model.hparams.pretrained
     cli = ClassificationCLI(args=[*common, "--data.crop_pct=0.5", "--data.image_size=64"], run=False, mode="validate")
     assert (cli.datamodule.hparams.crop_pct, cli.datamodule.hparams.image_size) == (0.5, 64)
+    # A model created at another size is evaluated at that size.
+    resized = "--model.model_kwargs={depths: [1, 1, 1, 1], embed_dims: [32, 32, 32, 32], img_size: 96}"
+    cli = ClassificationCLI(args=[*common, resized], run=False, mode="validate")
+    assert cli.datamodule.hparams.image_size == 96 and cli.model.model.img_size == (96, 96)
 
 
 def test_validate_needs_weights(capsys):
