@@ -18,9 +18,9 @@ masks (HunyuanVideo) are honoured by attending over each sample's valid tokens; 
 wrapped and stay dense. diffusers' attention-backend registry cannot take a new backend without patching it (its
 names are a closed `Enum`), hence the function mode rather than a registered backend.
 
-What this relies on in diffusers beyond its public classes (tests/zoo/test_video_psa.py checks each still holds):
-the attention modules' attribute names per model (listed in `_SELF_ATTENTION`), the processors' private
-`_attention_backend` attribute (None or "native" means torch SDPA), and that diffusers' "native" backend and the
+What this relies on in diffusers beyond its public classes (tests/zoo/test_video_psa_models.py checks it holds):
+the attention modules' attribute names per model (listed in `_SELF_ATTENTION`; `MochiAttention` has a
+`processor` attribute but no `get_processor`/`set_processor`), the processors' private `_attention_backend` attribute (None or "native" means torch SDPA), and that diffusers' "native" backend and the
 CogVideoX/Mochi processors compute attention with `torch.nn.functional.scaled_dot_product_attention`. A processor
 whose attention never reaches SDPA (another backend) raises an error rather than running dense unnoticed.
 
