@@ -20,8 +20,9 @@ names are a closed `Enum`), hence the function mode rather than a registered bac
 
 What this relies on in diffusers beyond its public classes (tests/zoo/test_video_psa_models.py checks it holds):
 the attention modules' attribute names per model (listed in `_SELF_ATTENTION`; `MochiAttention` has a
-`processor` attribute but no `get_processor`/`set_processor`), the processors' private `_attention_backend` attribute (None or "native" means torch SDPA), and that diffusers' "native" backend and the
-CogVideoX/Mochi processors compute attention with `torch.nn.functional.scaled_dot_product_attention`. A processor
+`processor` attribute but no `get_processor`/`set_processor`), the processors' private `_attention_backend`
+attribute (None or "native" means torch SDPA), and that diffusers' "native" backend and the CogVideoX/Mochi
+processors compute attention with `torch.nn.functional.scaled_dot_product_attention`. A processor
 whose attention never reaches SDPA (another backend) raises an error rather than running dense unnoticed.
 
 The dense warm-up is decided in one place, `PSAState.dense_at(step)`: the first `config.warmup_steps` denoising
