@@ -344,3 +344,20 @@ def test_psa_copies_are_independent(pipe):
     with torch.no_grad():
         twin.eval()(torch.randn(1, 3, 4, 16, 16), 500.0, torch.tensor([1]))
     assert psa_state(twin).densities and not psa_state(model).densities
+
+
+def test_enable_psa_on_the_pipeline_and_the_attention_backend_switch():
+    # enable_psa takes the pipeline as for diffusers' pipelines; diffusers' set_attention_backend reaches the
+    # wrapped processors, and a backend that bypasses torch's SDPA is refused while PSA is on.
+    pipe = _pipe()
+    state = enable_psa(pipe, PSAConfig(warmup_steps=0, **SMALL_PSA))
+    assert psa_state(pipe.transformer) is state and pipe.transformer.config.attention == "psa"
+    pipe.transformer.set_attention_backend("native")
+    assert all(str(p._attention_backend.value) == "native" for p in pipe.transformer.attn_processors.values())
+    assert _frames(pipe, num_inference_steps=1).shape == (2, 4, 16, 16, 3)
+    for p in pipe.transformer.attn_processors.values():
+        p.original._attention_backend = "_native_flash"
+    with pytest.raises(RuntimeError, match="attention backend '_native_flash'"):
+        _frames(pipe, num_inference_steps=1)
+    disable_psa(pipe)
+    assert pipe.transformer.config.attention == "dense"
