@@ -266,8 +266,8 @@ def pattern_at_density(
     """The pattern of kind `name` whose density is closest to `density` among its settings.
 
     Args:
-        name: "sta" (window in tiles), "neighborhood" (window and stride in tiles, GNA) or "radial"
-            (decay factor; blocks of the tile's volume).
+        name: "sta" (window in tiles), "neighborhood" (GNA: window in tiles and a stride of 3 tiles along one
+            or more axes) or "radial" (decay factor; blocks of the tile's volume).
         grid: (T, H, W) tokens.
         density: target fraction of dense attention's pairs, in (0, 1].
         tile: tile of STA and GNA; its volume is Radial's block.
@@ -281,7 +281,8 @@ def pattern_at_density(
     odd = [[w for w in range(1, n + 1, 2)] for n in counts]
     candidates = []
     if name in ("sta", "neighborhood"):
-        strides = [(1, 1, 1)] if name == "sta" else [(1, 1, 1), (1, 3, 3), (3, 3, 3)]
+        # GNA proper: a stride of more than one tile along some axis (one tile everywhere is STA).
+        strides = [(1, 1, 1)] if name == "sta" else [(1, 1, 3), (1, 3, 1), (3, 1, 1), (1, 3, 3), (3, 3, 3)]
         for wt in odd[0]:
             for wh in odd[1]:
                 for ww in odd[2]:

@@ -1,0 +1,178 @@
+"""Video sparse-attention patterns at equal density: error against dense on a diffusers Wan transformer, and CPU speed.
+
+    flock /tmp/bench.lock python benchmarks/video_patterns.py [--rounds 5] [--no-write]
+
+Patterns (`blocks/sparse_patterns.py`, `blocks/pyramid_sparse.py`), all on `kernels.block_sparse_attention`:
+PSA (its planner; quota of full-resolution blocks only, so that its density is the target), STA, GNA
+(neighborhoods with a stride) and Radial Attention, each set to the density nearest each target.
+
+1. Error: a random-weight diffusers `WanTransformer3DModel` (4 layers, 2 heads of 32) on a smooth latent video
+   of 8 x 16 x 16 tokens after patching. The queries, keys and values of every self-attention call are
+   captured from one dense forward; each pattern's attention output on them is compared with dense SDPA's
+   (relative Frobenius error, mean over layers). Tiles of 1 x 4 x 4 tokens (blocks of 16).
+2. Speed: attention alone on 8 x 24 x 32 = 6,144 tokens, 4 heads of 64, batch 1, fp32, inference, against
+   dense SDPA, alternated in one process (medians); tiles of 2 x 4 x 8 tokens (blocks of 64), the op's `auto`.
+   Pattern tables are built once, outside the timing (they are static); PSA plans every call, as it must.
+
+Radial Attention's density is set by the video's length (O(n log n) pairs): on 8 frames it cannot go below
+about half, so its rows stand at the density it reaches. Not yet here (issue 18): VMoBA, the trained digits
+DiT (frame accuracy, PSNR/SSIM), and training with each pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from benchmarks._harness import alternate, write_section  # noqa: E402
+from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention  # noqa: E402
+from blocks.sparse_patterns import pattern_at_density  # noqa: E402
+
+TARGETS = (0.1, 0.2, 0.3, 0.5)
+PATTERNS = ("psa", "sta", "neighborhood", "radial")
+
+
+class _Capture(TorchFunctionMode):
+    """Records the q, k, v of every self-attention SDPA call over `length` tokens."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length, self.calls = length, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            named = {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs}
+            q, k, v = named["query"], named["key"], named["value"]
+            if q.dim() == 4 and q.shape[2] == k.shape[2] == self.length:
+                self.calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
+        return func(*args, **kwargs)
+
+
+def wan_attention_inputs() -> tuple[tuple[int, int, int], list]:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=128,
+        num_layers=4,
+        rope_max_seq_len=64,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(1, 4, 3, 5, 5, generator=g)
+    latents = F.interpolate(coarse, size=(8, 32, 32), mode="trilinear", align_corners=True)
+    grid = (8, 16, 16)
+    capture = _Capture(math.prod(grid))
+    with torch.no_grad(), capture:
+        model(hidden_states=latents, timestep=torch.tensor([900.0]), encoder_hidden_states=torch.randn(1, 5, 16))
+    return grid, capture.calls
+
+
+def _attention(name: str, grid, density: float, tile):
+    """(attention(q, k, v) -> out, density) for a pattern at the density nearest `density`."""
+    if name == "psa":
+        block = math.prod(tile)
+        psa = PyramidSparseAttention(
+            PSAConfig(block_q=block, block_k=block, level_bounds=(density,) * 4, warmup_steps=0)
+        )
+
+        def run(q, k, v):
+            return psa(q, k, v, grid=grid)
+
+        with torch.no_grad():
+            q = torch.randn(1, 1, math.prod(grid), 8)
+            run(q, q, q)
+        return run, float(psa.last_density)
+    pattern = pattern_at_density(name, grid, density, tile=tile)
+    return pattern.attend, pattern.density()
+
+
+def error_rows() -> list[str]:
+    grid, calls = wan_attention_inputs()
+    rows = []
+    for name in PATTERNS:
+        for target in TARGETS:
+            attend, density = _attention(name, grid, target, (1, 4, 4))
+            with torch.no_grad():
+                errors = [
+                    float((attend(q, k, v) - (d := F.scaled_dot_product_attention(q, k, v))).norm() / d.norm())
+                    for q, k, v in calls
+                ]
+            rows.append(f"| {name} | {target:.2f} | {density:.3f} | {sum(errors) / len(errors):.4f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def speed_rows(rounds: int) -> list[str]:
+    grid, tile = (8, 24, 32), (2, 4, 8)
+    q, k, v = (torch.randn(1, 4, math.prod(grid), 64) for _ in range(3))
+    rows = []
+    for name in PATTERNS:
+        for target in (0.1, 0.3):
+            attend, density = _attention(name, grid, target, tile)
+
+            def sparse(attend=attend):
+                with torch.no_grad():
+                    attend(q, k, v)
+
+            def dense():
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v)
+
+            ts, td = alternate(sparse, dense, rounds)
+            rows.append(f"| {name} | {target:.2f} | {density:.3f} | {ts * 1e3:.1f} | {td * 1e3:.1f} | {td / ts:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    errors = error_rows()
+    speeds = speed_rows(args.rounds)
+    text = "\n".join(
+        [
+            "Patterns on the one block-sparse op, each at the setting whose density is nearest the target "
+            "(`python benchmarks/video_patterns.py`; method in its docstring).",
+            "",
+            "Error of the attention output against dense SDPA, on the self-attention inputs of a random-weight "
+            "diffusers Wan transformer (4 layers, 8 x 16 x 16 tokens, smooth latent), mean over layers:",
+            "",
+            "| pattern | target density | density | relative error |",
+            "|---|---:|---:|---:|",
+            *errors,
+            "",
+            f"CPU inference, attention alone, 8 x 24 x 32 = 6,144 tokens, 4 heads of 64, fp32, {args.threads} "
+            f"threads, alternated with dense SDPA ({args.rounds} rounds, medians):",
+            "",
+            "| pattern | target density | density | pattern ms | dense SDPA ms | speed |",
+            "|---|---:|---:|---:|---:|---:|",
+            *speeds,
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section("video_patterns", text, title="Video sparse-attention patterns at equal density (CPU)")
+
+
+if __name__ == "__main__":
+    main()
