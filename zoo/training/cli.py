@@ -64,6 +64,9 @@ def find_last_checkpoint(root_dir: str) -> str:
 class ClassificationCLI(LightningCLI):
     """LightningCLI with the checkpointing, CSV logging and resume conventions of this project."""
 
+    # The segmentation and video launchers extend this class with LightningCLI's own constructor: they only fit.
+    mode = "fit"
+
     def __init__(self, args: list[str] | None = None, run: bool = True, mode: str = "fit"):
         if mode not in ("fit", "validate"):
             raise ValueError(f"mode must be 'fit' or 'validate', got {mode!r}")
