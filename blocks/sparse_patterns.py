@@ -20,6 +20,14 @@ every pattern runs on every backend of the op and can be compared with the other
   becomes a block mask by the authors' rule: a block is kept where, among its columns that any query
   reaches, more than 60% are reached by more than a third of its queries.
 
+- VMoBA (Wu et al., "VMoBA: Mixture-of-Block Attention for Video Diffusion Models", 2025; github.com/KwaiVGI/
+  VMoBA): dynamic. Keys are cut into chunks, 1-D (runs of frames), 2-D (spatial patches through all frames) or
+  3-D (cubes), the partition cycling with the layer; every query scores each chunk by its dot product with the
+  chunk's mean key and attends, under one softmax, to its own chunk and to the best-scoring others: a fixed
+  number (top-k) or as many as bring the min-max-normalised scores up to a share of their sum (threshold),
+  ranked per query and head or over all queries of a head (global selection). Selection is per query token,
+  so the op runs it with query blocks of one token.
+
 Dense attention and PSA (`blocks.pyramid_sparse`) are the two ends these are compared with.
 """
 
@@ -36,15 +44,22 @@ from .pyramid_sparse import video_token_order
 
 __all__ = [
     "PATTERNS",
+    "VMOBA_PARTITIONS",
     "BlockPattern",
     "neighborhood_pattern",
     "pattern_at_density",
     "radial_pattern",
     "sliding_tile_pattern",
+    "vmoba_attention",
+    "vmoba_chunk",
+    "vmoba_selection",
 ]
 
 PATTERNS = ("sta", "neighborhood", "radial")
 RADIAL_MODELS = ("wan", "hunyuan")
+VMOBA_PARTITIONS = ("1d", "2d", "3d")
+VMOBA_SELECTIONS = ("threshold", "topk")
+VMOBA_SCOPES = ("query_head", "head_global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,3 +318,151 @@ def pattern_at_density(
         if best is None or gap < best[0]:
             best = (gap, pattern)
     return best[1]
+
+
+# ----------------------------------------------------------------------------------------------- VMoBA
+
+
+def vmoba_chunk(
+    grid: tuple[int, int, int], layer: int, chunk: tuple[int, int, int] = (2, 4, 4)
+) -> tuple[int, int, int]:
+    """The chunk of layer `layer` under VMoBA's layer-wise recurrent 1-D / 2-D / 3-D partition.
+
+    Args:
+        grid: (T, H, W) tokens.
+        layer: the layer's index; layers 0, 3, 6, ... take 1-D chunks, 1, 4, ... 2-D, 2, 5, ... 3-D.
+        chunk: (t, h, w) extents: a 1-D chunk is t whole frames, a 2-D chunk an h x w patch through every
+            frame, a 3-D chunk a t x h x w cube.
+
+    Returns:
+        (t, h, w) tokens per chunk.
+    """
+    grid, chunk = _triple("grid", grid), _triple("chunk", chunk)
+    kind = VMOBA_PARTITIONS[layer % 3]
+    t, h, w = chunk
+    shape = {"1d": (t, grid[1], grid[2]), "2d": (grid[0], h, w), "3d": (t, h, w)}[kind]
+    return tuple(min(c, n) for c, n in zip(shape, grid, strict=True))
+
+
+def _select_threshold(norm: torch.Tensor, own: torch.Tensor, threshold: float, scope: str) -> torch.Tensor:
+    """Own chunk plus the best others until the normalised scores reach `threshold` of their sum (VMoBA).
+
+    norm: (B, H, L, C) min-max normalised scores; own: (B or 1, 1, L, C) bool, the query's own chunk.
+    """
+    eps = 1e-6
+    reduce = (-1,) if scope == "query_head" else (-2, -1)
+    total = norm.sum(reduce, keepdim=True)
+    remain = (threshold - (norm * own).sum(reduce, keepdim=True) / (total + eps)).clamp_min(0.0)
+    others = norm.masked_fill(own, 0.0)
+    if scope == "query_head":  # ranked per query and head
+        flat, total, remain = others, total, remain
+    else:  # ranked over every (query, chunk) of a head
+        flat, total, remain = others.flatten(-2), total.flatten(-2), remain.flatten(-2)
+    # The own chunk ranks last whatever its score (a zero would tie with others' zeros): only others are ranked.
+    own_flat = own.expand_as(norm) if scope == "query_head" else own.expand_as(norm).flatten(-2)
+    order = torch.sort(flat.masked_fill(own_flat, -1.0), dim=-1, descending=True, stable=True).indices
+    ranked = flat.gather(-1, order)
+    reached = ranked.cumsum(-1) / (total + eps) >= remain
+    count = flat.shape[-1]
+    cutoff = torch.where(reached.any(-1, keepdim=True), reached.float().argmax(-1, keepdim=True), count - 1)
+    keep = torch.arange(count, device=norm.device) <= cutoff
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, keep)
+    return chosen.view_as(norm) | own
+
+
+def vmoba_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    chunk_size: int,
+    select: str = "threshold",
+    threshold: float = 0.25,
+    topk: int = 3,
+    scope: str = "query_head",
+) -> torch.Tensor:
+    """Which key chunks every query attends to under VMoBA, on tokens already in chunk order.
+
+    Args:
+        q, k: (B, H, L, D), chunks as consecutive runs of `chunk_size` tokens (the last may be shorter).
+        chunk_size: tokens per chunk.
+        select: "threshold" (the authors' default, with `threshold` 0.25) or "topk" (own chunk plus the
+            `topk` - 1 best others).
+        threshold: share of the summed normalised scores to reach.
+        topk: chunks per query under "topk", own included.
+        scope: rank and normalise per query and head ("query_head", the authors' default) or over all
+            queries of a head ("head_global", the paper's global selection; threshold only).
+
+    Returns:
+        (B, H, L, C) bool.
+    """
+    if select not in VMOBA_SELECTIONS:
+        raise ValueError(f"select must be one of {VMOBA_SELECTIONS}, got {select!r}")
+    if scope not in VMOBA_SCOPES:
+        raise ValueError(f"scope must be one of {VMOBA_SCOPES}, got {scope!r}")
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+    if not (isinstance(topk, int) and topk >= 1):
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    b, h, length, d = k.shape
+    count = -(-length // chunk_size)
+    tokens = torch.arange(length, device=k.device)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    means = torch.zeros(b, h, count, d, dtype=wide, device=k.device).index_add_(2, tokens // chunk_size, k.to(wide))
+    means = means / torch.bincount(tokens // chunk_size, minlength=count).clamp_min(1)[:, None].to(wide)
+    gate = torch.matmul(q.to(wide), means.transpose(-1, -2))  # (B, H, L, C), unscaled as the authors'
+    own = (tokens // chunk_size)[:, None] == torch.arange(count, device=k.device)  # (L, C)
+    own = own[None, None]
+    if select == "topk":
+        ranked = gate.masked_fill(own, float("inf"))
+        index = ranked.topk(min(topk, count), dim=-1).indices
+        return torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, index, True)
+    dims = (-1,) if scope == "query_head" else (-2, -1)
+    low, high = gate.amin(dims, keepdim=True), gate.amax(dims, keepdim=True)
+    span = torch.where(high - low <= 1e-6, torch.ones_like(high), high - low)
+    return _select_threshold((gate - low) / span, own, float(threshold), scope)
+
+
+def vmoba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    layer: int = 0,
+    chunk: tuple[int, int, int] = (2, 4, 4),
+    select: str = "threshold",
+    threshold: float = 0.25,
+    topk: int = 3,
+    scope: str = "query_head",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VMoBA attention of row-major video tokens on the block-sparse op (query blocks of one token).
+
+    Args:
+        q, k: (B, H, L, D), v: (B, H, L, Dv), L = T * H * W.
+        grid: (T, H, W).
+        layer: picks the 1-D / 2-D / 3-D partition (`vmoba_chunk`).
+        chunk, select, threshold, topk, scope: as in `vmoba_chunk` and `vmoba_selection`.
+        scale: logit scale; defaults to D ** -0.5.
+
+    Returns:
+        (out (B, H, L, Dv), density: fraction of dense attention's pairs computed, a 0-dim tensor).
+    """
+    grid = _triple("grid", grid)
+    length = math.prod(grid)
+    if q.dim() != 4 or q.shape[2] != length or k.shape[2] != length or v.shape[2] != length:
+        raise ValueError(
+            f"grid {grid} holds {length} tokens: q, k, v must be (B, H, {length}, D), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    shape = vmoba_chunk(grid, layer, chunk)
+    if any(n % c for n, c in zip(grid, shape, strict=True)):
+        raise ValueError(f"grid {grid} must be a multiple of layer {layer}'s chunk {shape}")
+    order = video_token_order(grid, "tiles", shape).to(q.device)
+    q, k, v = (x.index_select(2, order) for x in (q, k, v))
+    size = math.prod(shape)
+    with torch.no_grad():
+        chosen = vmoba_selection(q, k, size, select, threshold, topk, scope)
+    level_map = torch.where(chosen, 0, -1)
+    kv_index, _ = tables_from_level_map(level_map, max(1, int(chosen.sum(-1).max())))
+    out = block_sparse_attention(q, k, v, kv_index, block_q=1, block_k=size, scale=scale)
+    density = chosen.float().mean()  # every chunk holds `size` tokens
+    return out.index_select(2, torch.argsort(order)), density

@@ -15,6 +15,9 @@ from blocks.sparse_patterns import (
     pattern_at_density,
     radial_pattern,
     sliding_tile_pattern,
+    vmoba_attention,
+    vmoba_chunk,
+    vmoba_selection,
 )
 
 
@@ -186,3 +189,93 @@ def test_wrong_sequence_length_is_named():
     q = torch.randn(1, 1, 30, 8)
     with pytest.raises(ValueError, match=r"\(2, 4, 4\) = 32 tokens"):
         pattern.attend(q, q, q)
+
+
+def _vmoba_by_definition(q, k, v, grid, chunk_shape, threshold, scope):
+    """VMoBA written from its definition, query by query: chunks of the tiled grid, scores against mean keys,
+    min-max normalisation, own chunk plus the best others up to the threshold; masked dense attention."""
+    t, h, w = grid
+    ct, ch, cw = chunk_shape
+    cells = list(itertools.product(range(t), range(h), range(w)))
+    chunk_of = torch.tensor([((a // ct) * (h // ch) + b // ch) * (w // cw) + c // cw for a, b, c in cells])
+    count = int(chunk_of.max()) + 1
+    out = torch.empty_like(v)
+    for bi in range(q.shape[0]):
+        for hi in range(q.shape[1]):
+            means = torch.stack([k[bi, hi, chunk_of == c].mean(0) for c in range(count)])
+            gate = q[bi, hi] @ means.T  # (L, C)
+            if scope == "query_head":
+                low, high = gate.amin(1, keepdim=True), gate.amax(1, keepdim=True)
+            else:
+                low, high = gate.min(), gate.max()
+            norm = (gate - low) / torch.where(high - low <= 1e-6, torch.ones_like(high - low), high - low)
+            own = torch.nn.functional.one_hot(chunk_of, count).bool()
+            chosen = own.clone()
+            if scope == "query_head":
+                for i in range(len(cells)):
+                    total = float(norm[i].sum())
+                    need = max(0.0, threshold - float(norm[i][own[i]].sum()) / (total + 1e-6))
+                    others = sorted(((float(norm[i, c]), c) for c in range(count) if c != chunk_of[i]), reverse=True)
+                    run = 0.0
+                    for value, c in others:
+                        chosen[i, c] = True
+                        run += value
+                        if run / (total + 1e-6) >= need:
+                            break
+            else:
+                total = float(norm.sum())
+                need = max(0.0, threshold - float(norm[own].sum()) / (total + 1e-6))
+                others = sorted(
+                    ((float(norm[i, c]), i, c) for i in range(len(cells)) for c in range(count) if not own[i, c]),
+                    reverse=True,
+                )
+                run = 0.0
+                for value, i, c in others:
+                    chosen[i, c] = True
+                    run += value
+                    if run / (total + 1e-6) >= need:
+                        break
+            mask = chosen[:, chunk_of]  # (L, L)
+            out[bi, hi] = F.scaled_dot_product_attention(q[bi, hi], k[bi, hi], v[bi, hi], attn_mask=mask)
+    return out
+
+
+@pytest.mark.parametrize("layer, scope", [(0, "query_head"), (1, "query_head"), (2, "query_head"), (2, "head_global")])
+def test_vmoba_follows_the_definition(layer, scope):
+    grid = (4, 8, 8)
+    torch.manual_seed(layer)
+    q, k, v = (torch.randn(1, 2, 256, 8, dtype=torch.float64) for _ in range(3))
+    out, density = vmoba_attention(q, k, v, grid, layer=layer, chunk=(2, 4, 4), threshold=0.4, scope=scope)
+    expected = _vmoba_by_definition(q, k, v, grid, vmoba_chunk(grid, layer, (2, 4, 4)), 0.4, scope)
+    torch.testing.assert_close(out, expected)
+    # Two 1-D chunks leave no choice (own plus the other: dense); the 3-D partition's eight do.
+    assert float(density) == 1.0 if layer == 0 else 0.0 < float(density) < 1.0
+
+
+def test_vmoba_partitions_cycle_and_topk_keeps_own_chunk():
+    grid = (4, 8, 8)
+    assert [vmoba_chunk(grid, i, (2, 4, 4)) for i in range(4)] == [(2, 8, 8), (4, 4, 4), (2, 4, 4), (2, 8, 8)]
+    q, k = torch.randn(1, 1, 256, 8), torch.randn(1, 1, 256, 8)
+    chosen = vmoba_selection(q, k, 32, select="topk", topk=3)
+    assert chosen.shape == (1, 1, 256, 8) and bool((chosen.sum(-1) == 3).all())
+    assert bool(chosen[0, 0, torch.arange(256), torch.arange(256) // 32].all())  # own chunk always in
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked"])
+def test_vmoba_is_the_same_on_every_backend(backend, monkeypatch):
+    q, k, v = (torch.randn(1, 2, 128, 8) for _ in range(3))
+    monkeypatch.setenv("ZOO_KERNELS", "reference")
+    expected, _ = vmoba_attention(q, k, v, (2, 8, 8), layer=2, chunk=(1, 4, 4))
+    monkeypatch.setenv("ZOO_KERNELS", backend)
+    out, _ = vmoba_attention(q, k, v, (2, 8, 8), layer=2, chunk=(1, 4, 4))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vmoba_bad_arguments_are_named():
+    q = torch.randn(1, 1, 128, 8)
+    with pytest.raises(ValueError, match="select must be one of"):
+        vmoba_attention(q, q, q, (2, 8, 8), select="best")
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        vmoba_attention(q, q, q, (2, 8, 8), threshold=1.5)
+    with pytest.raises(ValueError, match="must be a multiple of layer 2's chunk"):
+        vmoba_attention(q, q, q, (2, 8, 8), layer=2, chunk=(1, 3, 3))
