@@ -146,12 +146,14 @@ def test_resume_continues_steps_ema_and_training_time(tmp_path):
             "--ckpt_path=last",
         ]
     )
-    run = tmp_path / "lightning_logs" / "version_1"
+    # The resumed run logs on into version_0: its metrics.csv holds the whole history once.
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()
+    run = tmp_path / "lightning_logs" / "version_0"
     second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (second["epoch"], second["global_step"]) == (1, 4)
     assert second["train_seconds"] > first["train_seconds"]
     steps = [int(r["step"]) for r in read_metrics(run / "metrics.csv") if r.get("train/loss")]
-    assert steps == [2, 3]
+    assert steps == [0, 1, 2, 3]
     assert json.loads((run / "training_summary.json").read_text())["steps"] == 4
 
 
