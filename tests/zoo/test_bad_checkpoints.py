@@ -86,7 +86,7 @@ def test_fuzz_damaged_weight_files(tmp_path):
         SOURCES = {[str(tmp_path / n) for n in ("release.pth", "plain.pth", "ours.safetensors")]!r}
         work = tempfile.mkdtemp()
 
-        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+        @settings(max_examples=40, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(source=st.sampled_from(SOURCES), damage=st.sampled_from(["truncate", "overwrite", "append"]),
                at=st.floats(0, 1), junk=st.binary(min_size=1, max_size=64))
