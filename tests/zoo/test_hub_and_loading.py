@@ -151,3 +151,14 @@ def test_pretrained_without_a_file_says_where_to_put_it_and_downloads_nothing(tm
     assert expected_weight_path(cfg) == expected
     model = timm.create_model("zoo_cswin_t", pretrained=True, **TINY["zoo_cswin_t"])
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_registered_384_model_round_trips_and_takes_another_size(tmp_path):
+    model = timm.create_model("zoo_maxvit_t_384", depths=(1, 1, 1, 1), num_classes=2).eval()
+    folder = save_hub_folder(model, tmp_path / "m")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert loaded.img_size == (384, 384) and loaded.pretrained_cfg["input_size"] == (3, 384, 384)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert timm.create_model("zoo_maxvit_t_384", img_size=512, depths=(1, 1, 1, 1)).img_size == (512, 512)

@@ -562,49 +562,49 @@ _SIZES = {
 @register_model
 def zoo_maxvit_t_384(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-T at 384 x 384 (12 x 12 windows and grid): 17.7 GFLOPs, 85.24% ImageNet-1k top-1."""
-    return _create_maxvit("zoo_maxvit_t_384", pretrained=pretrained, **dict(_SIZES["t"], img_size=384, **kwargs))
+    return _create_maxvit("zoo_maxvit_t_384", pretrained=pretrained, **{**_SIZES["t"], "img_size": 384, **kwargs})
 
 
 @register_model
 def zoo_maxvit_t_512(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-T at 512 x 512 (16 x 16 windows and grid): 33.7 GFLOPs, 85.72% ImageNet-1k top-1."""
-    return _create_maxvit("zoo_maxvit_t_512", pretrained=pretrained, **dict(_SIZES["t"], img_size=512, **kwargs))
+    return _create_maxvit("zoo_maxvit_t_512", pretrained=pretrained, **{**_SIZES["t"], "img_size": 512, **kwargs})
 
 
 @register_model
 def zoo_maxvit_s_384(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-S at 384 x 384: 36.1 GFLOPs, 85.74% ImageNet-1k top-1."""
-    return _create_maxvit("zoo_maxvit_s_384", pretrained=pretrained, **dict(_SIZES["s"], img_size=384, **kwargs))
+    return _create_maxvit("zoo_maxvit_s_384", pretrained=pretrained, **{**_SIZES["s"], "img_size": 384, **kwargs})
 
 
 @register_model
 def zoo_maxvit_s_512(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-S at 512 x 512: 67.6 GFLOPs, 86.19% ImageNet-1k top-1."""
-    return _create_maxvit("zoo_maxvit_s_512", pretrained=pretrained, **dict(_SIZES["s"], img_size=512, **kwargs))
+    return _create_maxvit("zoo_maxvit_s_512", pretrained=pretrained, **{**_SIZES["s"], "img_size": 512, **kwargs})
 
 
 @register_model
 def zoo_maxvit_b_384(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-B at 384 x 384: 74.2 GFLOPs, 86.34% ImageNet-1k top-1 (88.24% from ImageNet-21k)."""
-    return _create_maxvit("zoo_maxvit_b_384", pretrained=pretrained, **dict(_SIZES["b"], img_size=384, **kwargs))
+    return _create_maxvit("zoo_maxvit_b_384", pretrained=pretrained, **{**_SIZES["b"], "img_size": 384, **kwargs})
 
 
 @register_model
 def zoo_maxvit_b_512(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-B at 512 x 512: 138.5 GFLOPs, 86.66% ImageNet-1k top-1 (88.38% from ImageNet-21k)."""
-    return _create_maxvit("zoo_maxvit_b_512", pretrained=pretrained, **dict(_SIZES["b"], img_size=512, **kwargs))
+    return _create_maxvit("zoo_maxvit_b_512", pretrained=pretrained, **{**_SIZES["b"], "img_size": 512, **kwargs})
 
 
 @register_model
 def zoo_maxvit_l_384(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-L at 384 x 384: 133.1 GFLOPs, 86.40% ImageNet-1k top-1 (88.32% from ImageNet-21k)."""
-    return _create_maxvit("zoo_maxvit_l_384", pretrained=pretrained, **dict(_SIZES["l"], img_size=384, **kwargs))
+    return _create_maxvit("zoo_maxvit_l_384", pretrained=pretrained, **{**_SIZES["l"], "img_size": 384, **kwargs})
 
 
 @register_model
 def zoo_maxvit_l_512(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-L at 512 x 512: 245.4 GFLOPs, 86.70% ImageNet-1k top-1 (88.46% from ImageNet-21k)."""
-    return _create_maxvit("zoo_maxvit_l_512", pretrained=pretrained, **dict(_SIZES["l"], img_size=512, **kwargs))
+    return _create_maxvit("zoo_maxvit_l_512", pretrained=pretrained, **{**_SIZES["l"], "img_size": 512, **kwargs})
 
 
 # torch.fx (timm's feature extraction, `create_feature_extractor`): the blocks dispatch to fused kernels and pad on
