@@ -282,7 +282,9 @@ def export_pipeline(task: VideoDiTTask, folder: str | os.PathLike, clip: dict[st
     if "size" in clip:
         trained["sample_size"] = clip["size"]
     # A fresh model from the config: the EMA copy may sit under a precision plugin's dtype or on a device.
-    model = VideoDiT.from_config({**source.config, **trained})
+    # As keyword arguments: entries the source took by default are listed in its `_use_default_values`, and
+    # from_config would drop an override of them that came inside the dict.
+    model = VideoDiT.from_config(source.config, **trained)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in source.state_dict().items()})
     pipe = VideoDiTPipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
