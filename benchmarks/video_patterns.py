@@ -4,7 +4,10 @@
 
 Patterns (`blocks/sparse_patterns.py`, `blocks/pyramid_sparse.py`), all on `kernels.block_sparse_attention`:
 PSA (its planner; quota of full-resolution blocks only, so that its density is the target), STA, GNA
-(neighborhoods with a stride) and Radial Attention, each set to the density nearest each target.
+(neighborhoods with a stride) and Radial Attention, each set to the density nearest each target; VMoBA at its
+thresholds 0.1, 0.25 (the authors' default) and 0.5, chunks of 2 x 4 x 4 tokens (1-D/2-D/3-D by layer), its
+density as reached. VMoBA selects per query token, so the op runs it with query blocks of one token: its speed
+row shows that cost, not what a varlen kernel would reach.
 
 1. Error: a random-weight diffusers `WanTransformer3DModel` (4 layers, 2 heads of 32) on a smooth latent video
    of 8 x 16 x 16 tokens after patching. The queries, keys and values of every self-attention call are
@@ -17,8 +20,8 @@ PSA (its planner; quota of full-resolution blocks only, so that its density is t
    Pattern tables are built once, outside the timing (they are static); PSA plans every call, as it must.
 
 Radial Attention's density is set by the video's length (O(n log n) pairs): on 8 frames it cannot go below
-about half, so its rows stand at the density it reaches. Not yet here (issue 18): VMoBA, and the digits
-DiT's retraining with each pattern (`--model.attention sta`, ...).
+about half, so its rows stand at the density it reaches. Not yet here (issue 18): the digits DiT retrained
+with each pattern (`--model.attention sta`, ...).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks._harness import alternate, write_section  # noqa: E402
 from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention  # noqa: E402
-from blocks.sparse_patterns import pattern_at_density  # noqa: E402
+from blocks.sparse_patterns import pattern_at_density, vmoba_attention  # noqa: E402
 
 TARGETS = (0.1, 0.2, 0.3, 0.5)
 PATTERNS = ("psa", "sta", "neighborhood", "radial")
+VMOBA_THRESHOLDS = (0.1, 0.25, 0.5)
 
 
 class _Capture(TorchFunctionMode):
@@ -117,6 +121,17 @@ def error_rows() -> list[str]:
                 ]
             rows.append(f"| {name} | {target:.2f} | {density:.3f} | {sum(errors) / len(errors):.4f} |")
             print(rows[-1], flush=True)
+    for threshold in VMOBA_THRESHOLDS:  # dynamic: the threshold sets the density, reported as reached
+        errors, densities = [], []
+        with torch.no_grad():
+            for layer, (q, k, v) in enumerate(calls):
+                out, density = vmoba_attention(q, k, v, grid, layer=layer, chunk=(2, 4, 4), threshold=threshold)
+                d = F.scaled_dot_product_attention(q, k, v)
+                errors.append(float((out - d).norm() / d.norm()))
+                densities.append(float(density))
+        mean_density = sum(densities) / len(densities)
+        rows.append(f"| vmoba (threshold {threshold}) | - | {mean_density:.3f} | {sum(errors) / len(errors):.4f} |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -135,6 +150,30 @@ class _PatternSDPA(TorchFunctionMode):
             plain = named.get("attn_mask") is None and not named.get("is_causal") and not named.get("dropout_p")
             if plain and q.dim() == 4 and q.shape[2] == k.shape[2] == self.length:
                 return self.pattern.attend(q, k, v, scale=named.get("scale"))
+        return func(*args, **kwargs)
+
+
+class _VMoBASDPA(_PatternSDPA):
+    """As `_PatternSDPA` with VMoBA, its partition cycling over the model's `layers` attention calls per forward."""
+
+    def __init__(self, grid, layers: int, threshold: float):
+        TorchFunctionMode.__init__(self)
+        self.grid, self.length, self.layers, self.threshold = grid, math.prod(grid), layers, threshold
+        self.calls, self.densities = 0, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            named = {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs}
+            q, k, v = named["query"], named["key"], named["value"]
+            if named.get("attn_mask") is None and q.dim() == 4 and q.shape[2] == k.shape[2] == self.length:
+                layer = self.calls % self.layers
+                self.calls += 1
+                out, density = vmoba_attention(
+                    q, k, v, self.grid, layer=layer, chunk=(2, 4, 4), threshold=self.threshold, scale=named.get("scale")
+                )
+                self.densities.append(float(density))
+                return out
         return func(*args, **kwargs)
 
 
@@ -188,6 +227,11 @@ def digits_rows() -> list[str]:
             with _PatternSDPA(pattern):
                 video = generate()
             score(name, f"{target:.2f}", f"{pattern.density():.3f}", video)
+    for threshold in VMOBA_THRESHOLDS:
+        mode = _VMoBASDPA(grid, config.num_layers, threshold)
+        with mode:
+            video = generate()
+        score(f"vmoba (threshold {threshold})", "-", f"{sum(mode.densities) / len(mode.densities):.3f}", video)
     return rows
 
 
@@ -210,6 +254,21 @@ def speed_rows(rounds: int) -> list[str]:
             ts, td = alternate(sparse, dense, rounds)
             rows.append(f"| {name} | {target:.2f} | {density:.3f} | {ts * 1e3:.1f} | {td * 1e3:.1f} | {td / ts:.2f}x |")
             print(rows[-1], flush=True)
+    densities = []
+
+    def vmoba():
+        with torch.no_grad():
+            densities.append(float(vmoba_attention(q, k, v, grid, layer=2, chunk=(2, 4, 8), threshold=0.25)[1]))
+
+    def dense():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+
+    ts, td = alternate(vmoba, dense, max(1, rounds // 2))
+    density = sum(densities) / len(densities)
+    rows.append(
+        f"| vmoba (3-D, threshold 0.25) | - | {density:.3f} | {ts * 1e3:.1f} | {td * 1e3:.1f} | {td / ts:.2f}x |"
+    )
     return rows
 
 
