@@ -253,3 +253,30 @@ def test_maxvit_384_equals_timms_port_on_a_224_checkpoint(tmp_path):
         for model in (ours, switched):
             got = model(x)
             assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("name, levels, windows", [("zoo_focalnet_l_fl3", 3, 5), ("zoo_focalnet_xl_fl4", 4, 3)])
+def test_timms_port_of_the_22k_focalnets_loads_and_computes_the_same(name, levels, windows, tmp_path):
+    # timm's FocalNet class with the large models' settings, shrunk; its state dict goes through our loader.
+    from timm.models.focalnet import FocalNet as TimmFocalNet
+
+    small = dict(depths=(1, 1, 1, 1), embed_dim=16)
+    torch.manual_seed(0)
+    theirs = TimmFocalNet(
+        **small,
+        focal_levels=(levels,) * 4,
+        focal_windows=(windows,) * 4,
+        use_post_norm=True,
+        use_overlap_down=True,
+        layerscale_value=1e-4,
+        num_classes=21842,
+    ).eval()
+    for p in theirs.parameters():  # layer scale starts at 1e-4: give every branch a visible effect
+        p.data.normal_(0, 0.1)
+    path = tmp_path / "timm.safetensors"
+    save_file(theirs.state_dict(), str(path))
+    ours = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **small).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert ((ours(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-5
