@@ -325,3 +325,25 @@ def test_benchmark_names_runs_and_stamps_its_command(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pytest"])
     _harness.write_section("other", "table")
     assert "command: `python benchmarks/other.py`;" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+@pytest.mark.parametrize("attention", ["sta", "vmoba"])
+def test_the_recipe_trains_with_a_sparse_pattern(tmp_path, attention):
+    # Issue 18: `--model.attention {sta,neighborhood,radial,vmoba}` trains the recipe's model with that pattern.
+    main(
+        [
+            *TINY,
+            f"--model.attention={attention}",
+            "--model.pattern_config={density: 0.3, tile: [1, 2, 2], chunk: [2, 2, 2]}",
+            "--trainer.max_epochs=1",
+            "--samples.every_n_epochs=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    run = tmp_path / "lightning_logs" / "version_0"
+    losses = [float(r["train/loss"]) for r in read_metrics(run / "metrics.csv") if r.get("train/loss")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert json.loads((run / "training_summary.json").read_text())["attention"] == attention
+    pipe = VideoDiTPipeline.from_pretrained(str(run / "pipeline"))
+    assert pipe.transformer.config.attention == attention
+    assert pipe.transformer.config.pattern_config["density"] == 0.3

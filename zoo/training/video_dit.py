@@ -60,8 +60,10 @@ class VideoDiTTask(LightningModule):
         in_channels: video channels (1 for the moving digits).
         patch_size: (t, h, w) patch of the 3-D patch embedding.
         num_classes: class labels; the CLI links it to the data's.
-        attention: "psa" (pyramid sparse attention) or "dense" (SDPA); the weights are the same either way.
+        attention: "psa" (pyramid sparse attention), "dense" (SDPA) or a video sparse-attention pattern ("sta",
+            "neighborhood", "radial", "vmoba"); the weights are the same either way.
         psa_config: `blocks.pyramid_sparse.PSAConfig` fields; None for the official defaults.
+        pattern_config: `zoo.video.patterns.PatternConfig` fields (density, tile, chunk, threshold) of a pattern.
         class_dropout_prob: share of labels replaced by the null label (classifier-free guidance).
         weighting: noise-level density: "uniform" or "logit_normal" (SD3).
         logit_mean, logit_std: parameters of the logit-normal density.
@@ -90,6 +92,7 @@ class VideoDiTTask(LightningModule):
         num_classes: int = 10,
         attention: str = "psa",
         psa_config: dict[str, Any] | None = None,
+        pattern_config: dict[str, Any] | None = None,
         class_dropout_prob: float = 0.1,
         weighting: str = "uniform",
         logit_mean: float = 0.0,
@@ -128,6 +131,7 @@ class VideoDiTTask(LightningModule):
                 "class_dropout_prob": class_dropout_prob,
                 "attention": attention,
                 "psa_config": dict(psa_config) if psa_config is not None else None,
+                "pattern_config": dict(pattern_config) if pattern_config is not None else None,
                 **(model_kwargs or {}),
             },
         )

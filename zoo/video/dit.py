@@ -177,7 +177,9 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         max_grid: (T, H, W) token grid bound of the learned positions.
         rope_theta: rotary base.
         qk_norm: per-head RMSNorm on queries and keys.
-        attention: "dense" (SDPA) or "psa" (pyramid sparse attention).
+        attention: "dense" (SDPA), "psa" (pyramid sparse attention) or a video sparse-attention pattern
+            ("sta", "neighborhood", "radial", "vmoba"; `zoo.video.patterns`).
+        pattern_config: fields of `zoo.video.patterns.PatternConfig` for a pattern attention; None for defaults.
         psa_config: fields of `blocks.pyramid_sparse.PSAConfig` (a dict, so the config stays JSON); None
             for the official defaults.
     """
@@ -202,12 +204,16 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         qk_norm: bool = True,
         attention: str = "dense",
         psa_config: dict | None = None,
+        pattern_config: dict | None = None,
         sample_size: int | tuple[int, int] = 32,
         sample_frames: int = 8,
     ):
         super().__init__()
-        if attention not in ("dense", "psa"):
-            raise ValueError(f"attention must be 'dense' or 'psa', got {attention!r}")
+        from .patterns import PATTERN_ATTENTIONS, PatternConfig, enable_pattern
+
+        if attention not in ("dense", "psa", *PATTERN_ATTENTIONS):
+            raise ValueError(f"attention must be one of {('dense', 'psa', *PATTERN_ATTENTIONS)}, got {attention!r}")
+        pattern = PatternConfig(**pattern_config) if pattern_config is not None else None
         if pos_embed not in ("rope", "learned"):
             raise ValueError(f"pos_embed must be 'rope' or 'learned', got {pos_embed!r}")
         if hidden_size % num_heads:
@@ -242,6 +248,8 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         self.proj_out = nn.Linear(hidden_size, math.prod(self.patch) * out_channels)
         self.gradient_checkpointing = False
         self._init_weights()
+        if attention in PATTERN_ATTENTIONS:
+            enable_pattern(self, attention, pattern)
         if attention == "psa":
             from .psa import enable_psa  # psa.py knows this class; importing it at the top would be circular
 
