@@ -25,9 +25,10 @@ from ._util import ROOT, read_metrics
 CONFIG = ROOT / "configs" / "video" / "video_dit_digits.yaml"
 SHIPPED = ROOT / "checkpoints" / "zoo-video-dit-digits"
 # The shipped model's card promises that at least 90% of generated frames show the requested digit (measured
-# 0.924 to 0.943 over 160 frames per digit and three noise seeds, BENCHMARKS.md). The test's 20 clips called
-# with labels only measure 0.922 (noise seed 7; 0.928 and 0.922 on seeds 0 and 1); an untrained or broken model,
-# or the wrong defaults (8 frames of 32x32 at guidance 4), lands far below (5.6% in issue 17).
+# 0.924 to 0.943 over 160 frames per digit and three noise seeds, BENCHMARKS.md). The test's 10 clips (one per
+# digit) called with labels only measure 0.969 (noise seed 7, the evaluator trained for 200 steps: 97.8% on
+# unseen digits; 20 clips: 0.941, and 0.913 on seed 0); an untrained or broken model, or the wrong defaults (8
+# frames of 32x32 at guidance 4), lands far below (5.6% in issue 17).
 FRAME_ACCURACY_BOUND = 0.9
 
 # The recipe's code path (PSA over a Gilbert-ordered token grid, EMA, CFG label dropout) at 8 frames of 8x8:
@@ -267,15 +268,16 @@ def test_shipped_checkpoint_called_with_labels_only_draws_the_requested_digits()
     # A new user's call: labels only. The defaults must be the ones the model card's figures were measured at,
     # and the project's independent judge (a CNN trained on the held-back digits only,
     # zoo.training.video_eval) must find the requested digit in at least 90% of the frames: the card's bar.
-    # Two clips per digit with a noise seed the BENCHMARKS.md figures did not use.
+    # One clip per digit with a noise seed the BENCHMARKS.md figures did not use; the evaluator trained for a third
+    # of the benchmark's steps, which keeps it above 95% on unseen digits at a third of the time.
     from zoo.training.video_eval import clip_metrics, train_frame_classifier
 
     recipe = yaml.safe_load(CONFIG.read_text())["data"]
-    classifier, evaluator_accuracy = train_frame_classifier(recipe["frame_size"], recipe["digit_size"])
+    classifier, evaluator_accuracy = train_frame_classifier(recipe["frame_size"], recipe["digit_size"], steps=200)
     assert evaluator_accuracy >= 0.95
     pipe = VideoDiTPipeline.from_pretrained(str(SHIPPED))
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat(2)
+    labels = torch.arange(10)
     frames = pipe(labels.tolist(), generator=torch.Generator().manual_seed(7), output_type="pt").frames
     metrics = clip_metrics(classifier, frames[:, :, 0] * 2 - 1, labels)
     assert metrics["frame_accuracy"] >= FRAME_ACCURACY_BOUND, metrics
