@@ -135,48 +135,6 @@ def error_rows() -> list[str]:
     return rows
 
 
-class _PatternSDPA(TorchFunctionMode):
-    """Computes every unmasked self-attention SDPA call over the pattern's tokens under the pattern instead."""
-
-    def __init__(self, pattern):
-        super().__init__()
-        self.pattern, self.length = pattern, math.prod(pattern.grid)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            named = {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs}
-            q, k, v = named["query"], named["key"], named["value"]
-            plain = named.get("attn_mask") is None and not named.get("is_causal") and not named.get("dropout_p")
-            if plain and q.dim() == 4 and q.shape[2] == k.shape[2] == self.length:
-                return self.pattern.attend(q, k, v, scale=named.get("scale"))
-        return func(*args, **kwargs)
-
-
-class _VMoBASDPA(_PatternSDPA):
-    """As `_PatternSDPA` with VMoBA, its partition cycling over the model's `layers` attention calls per forward."""
-
-    def __init__(self, grid, layers: int, threshold: float):
-        TorchFunctionMode.__init__(self)
-        self.grid, self.length, self.layers, self.threshold = grid, math.prod(grid), layers, threshold
-        self.calls, self.densities = 0, []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            named = {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs}
-            q, k, v = named["query"], named["key"], named["value"]
-            if named.get("attn_mask") is None and q.dim() == 4 and q.shape[2] == k.shape[2] == self.length:
-                layer = self.calls % self.layers
-                self.calls += 1
-                out, density = vmoba_attention(
-                    q, k, v, self.grid, layer=layer, chunk=(2, 4, 4), threshold=self.threshold, scale=named.get("scale")
-                )
-                self.densities.append(float(density))
-                return out
-        return func(*args, **kwargs)
-
-
 def digits_rows() -> list[str]:
     """The shipped digits VideoDiT, training-free: each pattern in place of its attention, against dense generation
     from the same noise (PSNR/SSIM) and by the project's digit evaluator (frame accuracy)."""
@@ -184,6 +142,8 @@ def digits_rows() -> list[str]:
 
     from zoo.training.video_eval import clip_metrics, train_frame_classifier
     from zoo.video import VideoDiTPipeline, disable_psa, enable_psa
+    from zoo.video.dit import VideoDiTAttnProcessor
+    from zoo.video.patterns import enable_pattern
 
     pipe = VideoDiTPipeline.from_pretrained(
         str(Path(__file__).resolve().parent.parent / "checkpoints/zoo-video-dit-digits")
@@ -191,9 +151,7 @@ def digits_rows() -> list[str]:
     pipe.set_progress_bar_config(disable=True)
     disable_psa(pipe.transformer)
     config = pipe.transformer.config
-    frames, size = config.sample_frames, config.sample_size
-    patch = tuple(config.patch_size)
-    grid = (frames // patch[0], size // patch[1], size // patch[2])
+    size = config.sample_size
     labels = list(range(10))
     classifier, _ = train_frame_classifier(size=size, digit_size=size // 2)
 
@@ -213,6 +171,22 @@ def digits_rows() -> list[str]:
         print(rows[-1], flush=True)
 
     score("dense", "-", "1.000", reference)
+
+    def with_pattern(name: str, **settings):
+        """(video, mean density) generated with the model's attention set to a pattern, then put back to dense."""
+        enable_pattern(pipe.transformer, name, settings)
+        blocks, densities = pipe.transformer.blocks, []
+        hook = pipe.transformer.register_forward_hook(
+            lambda *_: densities.append(sum(b.attn.processor.last_density for b in blocks) / len(blocks))
+        )
+        try:
+            video = generate()
+        finally:
+            hook.remove()
+            for block in blocks:
+                block.attn.set_processor(VideoDiTAttnProcessor())
+        return video, sum(densities) / len(densities)
+
     for target in (0.15, 0.4):
         block = 16
         enable_psa(
@@ -223,15 +197,11 @@ def digits_rows() -> list[str]:
         disable_psa(pipe.transformer)
         score("psa", f"{target:.2f}", f"{target:.3f}", video)
         for name in ("sta", "neighborhood", "radial"):
-            pattern = pattern_at_density(name, grid, target, tile=(1, 2, 2))
-            with _PatternSDPA(pattern):
-                video = generate()
-            score(name, f"{target:.2f}", f"{pattern.density():.3f}", video)
+            video, density = with_pattern(name, density=target, tile=(1, 2, 2))
+            score(name, f"{target:.2f}", f"{density:.3f}", video)
     for threshold in VMOBA_THRESHOLDS:
-        mode = _VMoBASDPA(grid, config.num_layers, threshold)
-        with mode:
-            video = generate()
-        score(f"vmoba (threshold {threshold})", "-", f"{sum(mode.densities) / len(mode.densities):.3f}", video)
+        video, density = with_pattern("vmoba", chunk=(2, 4, 4), threshold=threshold)
+        score(f"vmoba (threshold {threshold})", "-", f"{density:.3f}", video)
     return rows
 
 

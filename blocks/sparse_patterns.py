@@ -37,6 +37,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels import block_sparse_attention, tables_from_level_map
 
@@ -258,15 +259,13 @@ def radial_pattern(
     per_frame, length = grid[1] * grid[2], math.prod(grid)
     blocks = -(-length // block)
     keys = torch.arange(length).view(1, -1)
-    kb = torch.arange(length) // block
     width, keep = _radial_rule(grid[0], per_frame, block, float(decay_factor), model)
     rows = []
     for a in range(blocks):  # one query block at a time: memory of block x L, not L x L
         queries = torch.arange(a * block, min(length, (a + 1) * block)).view(-1, 1)
         allowed = _radial_allowed(queries, keys, per_frame, width, keep).float()
-        density = torch.zeros(blocks, block).index_put_(
-            (kb, torch.arange(length) % block), allowed.mean(0), accumulate=False
-        )  # (Mk, block): per key block, the share of this block's queries reaching each column
+        # (Mk, block): per key block, the share of this block's queries reaching each column (0 past the end)
+        density = F.pad(allowed.mean(0), (0, blocks * block - length)).view(blocks, block)
         reached = (density > 0).sum(1)
         high = (density > 1 / 3).sum(1)
         rows.append(high > 0.6 * reached)
@@ -354,9 +353,8 @@ def _select_threshold(norm: torch.Tensor, own: torch.Tensor, threshold: float, s
     total = norm.sum(reduce, keepdim=True)
     remain = (threshold - (norm * own).sum(reduce, keepdim=True) / (total + eps)).clamp_min(0.0)
     others = norm.masked_fill(own, 0.0)
-    if scope == "query_head":  # ranked per query and head
-        flat, total, remain = others, total, remain
-    else:  # ranked over every (query, chunk) of a head
+    flat = others  # ranked per query and head
+    if scope != "query_head":  # ranked over every (query, chunk) of a head
         flat, total, remain = others.flatten(-2), total.flatten(-2), remain.flatten(-2)
     # The own chunk ranks last whatever its score (a zero would tie with others' zeros): only others are ranked.
     own_flat = own.expand_as(norm) if scope == "query_head" else own.expand_as(norm).flatten(-2)
