@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,46 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._harness import write_section  # noqa: E402
+from zoo.evaluation import clip_metrics, generate_clips, train_frame_classifier  # noqa: E402
 from zoo.training.video_data import MovingDigits  # noqa: E402
-from zoo.training.video_eval import DigitFrameClassifier, clip_metrics, train_frame_classifier  # noqa: E402
-
-__all__ = ["DigitFrameClassifier", "clip_metrics", "generate_clips", "train_frame_classifier"]
-
-
-def generate_clips(
-    folder: str | Path,
-    per_class: int,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    batch: int = 20,
-) -> tuple[torch.Tensor, torch.Tensor, float, float | None]:
-    """Sample `per_class` clips of each digit from an exported pipeline folder, at the clip size the model was
-    trained on (the pipeline's defaults) and the given steps and guidance (None: the pipeline's defaults).
-
-    Returns:
-        (clips (B, T, S, S) in [-1, 1], labels (B,), seconds per clip, mean PSA density of the last step or None).
-    """
-    from zoo.video import VideoDiTPipeline, psa_state
-
-    pipe = VideoDiTPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat_interleave(per_class)
-    generator = torch.Generator().manual_seed(seed)
-    out, start = [], time.perf_counter()
-    for i in range(0, len(labels), batch):
-        frames = pipe(
-            labels[i : i + batch].tolist(),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generator,
-            output_type="pt",
-        ).frames  # (b, T, C, S, S) in [0, 1]
-        out.append(frames[:, :, 0] * 2 - 1)
-    seconds = (time.perf_counter() - start) / len(labels)
-    state = psa_state(pipe.transformer)
-    densities = [float(d) for d in state.densities.values()] if state is not None else []
-    return torch.cat(out), labels, seconds, (sum(densities) / len(densities) if densities else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,7 +140,7 @@ def digits_rows() -> list[str]:
     from the same noise (PSNR/SSIM) and by the project's digit evaluator (frame accuracy)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from zoo.training.video_eval import clip_metrics, train_frame_classifier
+    from zoo.evaluation import clip_metrics, train_frame_classifier
     from zoo.video import VideoDiTPipeline, disable_psa, enable_psa
     from zoo.video.dit import VideoDiTAttnProcessor
     from zoo.video.patterns import enable_pattern
@@ -270,7 +270,7 @@ def main() -> None:
             "pattern put in place of its attention without retraining (PSA: full-resolution quota only; patterns "
             "on tiles of 1 x 2 x 2 tokens of its 4 x 8 x 8 grid); 10 clips, one per digit, its own 25 steps and "
             "guidance 8, from the same noise. Frame accuracy: the project's digit evaluator "
-            "(`zoo.training.video_eval`); PSNR/SSIM (torchmetrics, 7x7 window) against the dense generation:",
+            "(`zoo.evaluation`); PSNR/SSIM (torchmetrics, 7x7 window) against the dense generation:",
             "",
             "| pattern | target density | density | frame accuracy | PSNR (dB) | SSIM |",
             "|---|---:|---:|---:|---:|---:|",

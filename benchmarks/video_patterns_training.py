@@ -8,7 +8,7 @@ quota at the density, blocks of 32 x 16), STA, GNA, Radial or VMoBA (`--model.pa
 tokens, VMoBA at its default threshold 0.25 whatever the density). Reported: the flow-matching loss averaged over
 the last quarter of the steps, training steps/s, the attention density reached, and the frame accuracy of the
 EMA weights' samples (20 clips, two per digit, the recipe's 25 steps and guidance 8) by the project's evaluator
-(`zoo.training.video_eval`). A short run is a comparison at equal steps, not a trained model: the shipped
+(`zoo.evaluation`). A short run is a comparison at equal steps, not a trained model: the shipped
 checkpoint took 18,000 steps.
 """
 
@@ -66,7 +66,7 @@ def train(attention: str, steps: int, density: float, root: Path) -> dict:
 
 def evaluate(pipeline: Path, classifier) -> tuple[float, float]:
     """(frame accuracy, mean attention density) of 20 clips sampled from the exported pipeline."""
-    from zoo.training.video_eval import clip_metrics
+    from zoo.evaluation import clip_metrics
     from zoo.video import VideoDiTPipeline
 
     pipe = VideoDiTPipeline.from_pretrained(str(pipeline))
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    from zoo.training.video_eval import train_frame_classifier
+    from zoo.evaluation import train_frame_classifier
 
     torch.set_num_threads(1)
     classifier, _ = train_frame_classifier(size=16, digit_size=8)

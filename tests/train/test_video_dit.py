@@ -267,10 +267,10 @@ def test_gpu_overlay_selects_bf16_on_one_gpu(capsys):
 def test_shipped_checkpoint_called_with_labels_only_draws_the_requested_digits():
     # A new user's call: labels only. The defaults must be the ones the model card's figures were measured at,
     # and the project's independent judge (a CNN trained on the held-back digits only,
-    # zoo.training.video_eval) must find the requested digit in at least 90% of the frames: the card's bar.
+    # zoo.evaluation) must find the requested digit in at least 90% of the frames: the card's bar.
     # One clip per digit with a noise seed the BENCHMARKS.md figures did not use; the evaluator trained for a third
     # of the benchmark's steps, which keeps it above 95% on unseen digits at a third of the time.
-    from zoo.training.video_eval import clip_metrics, train_frame_classifier
+    from zoo.evaluation import clip_metrics, train_frame_classifier
 
     recipe = yaml.safe_load(CONFIG.read_text())["data"]
     classifier, evaluator_accuracy = train_frame_classifier(recipe["frame_size"], recipe["digit_size"], steps=200)

@@ -3,19 +3,33 @@
 A small CNN trained on frames of the *held-back* digits (the classification recipe's val split), rendered by
 the data's own `render_clip` at random positions, labels every frame of generated clips; `clip_metrics` turns
 its labels into the figures the shipped checkpoint's card and BENCHMARKS.md report (frame and clip accuracy,
-label and shape consistency). `benchmarks/video_dit_digits.py` and the checkpoint's quality test both use it.
+label and shape consistency). The checkpoint's quality test, `benchmarks/video_dit_digits.py` and anyone
+judging their own generations use it:
+
+    from zoo.evaluation import clip_metrics, generate_clips, train_frame_classifier
+
+    # The shipped checkpoint's clips: 16x16 frames, digits drawn 8x8 (its recipe's frame_size, digit_size).
+    classifier, accuracy = train_frame_classifier(size=16, digit_size=8)  # ~98% on frames of unseen digits
+    clips, labels, _, _ = generate_clips("checkpoints/zoo-video-dit-digits", per_class=1)
+    clip_metrics(classifier, clips, labels)  # {"frame_accuracy": ..., "clip_accuracy": ..., ...}
+
+The reader is trained from the digits that ship with scikit-learn each time it is needed (seeded, 600 steps by
+default), so no evaluator weights are downloaded or shipped.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .video_data import digit_sprites, render_clip
+from ..training.video_data import digit_sprites, render_clip
 
-__all__ = ["DigitFrameClassifier", "clip_metrics", "train_frame_classifier"]
+__all__ = ["DigitFrameClassifier", "clip_metrics", "generate_clips", "train_frame_classifier"]
 
 
 class DigitFrameClassifier(nn.Module):
@@ -59,10 +73,20 @@ def train_frame_classifier(
 ) -> tuple[DigitFrameClassifier, float]:
     """Train the evaluator on frames of the held-back digits only.
 
+    Args:
+        size: side of the frames to judge (the video's frame size).
+        digit_size: side the digits are drawn at in those frames (the recipe's `digit_size`).
+        steps: optimizer steps of 64 frames.
+        seed: seed of the weights and of the frames drawn.
+
     Returns:
         (the classifier in eval mode, its accuracy on 2000 frames of the *train* digits: digits it never saw,
         the same ones the video model learned from).
     """
+    if not 0 < digit_size <= size:
+        raise ValueError(f"digit_size must be in [1, size={size}], got {digit_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     sprites, labels = digit_sprites("held_back", digit_size)
@@ -111,6 +135,12 @@ def clip_metrics(classifier: nn.Module, clips: torch.Tensor, labels: torch.Tenso
     Returns:
         frame_accuracy, clip_accuracy (majority label over frames), label_consistency, shape_consistency.
     """
+    if clips.dim() != 4 or clips.shape[-1] != clips.shape[-2]:
+        raise ValueError(f"clips must be (B, T, S, S) frames in [-1, 1], got shape {tuple(clips.shape)}")
+    if clips.shape[1] < 2:
+        raise ValueError(f"clips need at least 2 frames for the consistency figures, got {clips.shape[1]}")
+    if labels.shape != clips.shape[:1]:
+        raise ValueError(f"labels must be ({clips.shape[0]},), one per clip, got shape {tuple(labels.shape)}")
     b, t = clips.shape[:2]
     pred = classifier(clips.reshape(b * t, 1, *clips.shape[2:])).argmax(1).view(b, t)
     majority = torch.mode(pred, dim=1).values
@@ -121,3 +151,43 @@ def clip_metrics(classifier: nn.Module, clips: torch.Tensor, labels: torch.Tenso
         "label_consistency": float((pred[:, 1:] == pred[:, :-1]).float().mean()),
         "shape_consistency": float(corr.mean()),
     }
+
+
+def generate_clips(
+    pipeline: str | os.PathLike | object,
+    per_class: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor, float, float | None]:
+    """Sample `per_class` clips of each digit from a `VideoDiTPipeline` (or its saved folder), in the form
+    `clip_metrics` reads, at the clip size the model was trained on (the pipeline's defaults) and the given steps
+    and guidance (None: the pipeline's defaults).
+
+    Returns:
+        (clips (10 * per_class, T, S, S) in [-1, 1], labels (10 * per_class,) digit by digit, seconds per clip,
+        mean PSA density of the last step, or None when the model has no PSA).
+    """
+    from ..video import VideoDiTPipeline, psa_state
+
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    pipe = pipeline if isinstance(pipeline, VideoDiTPipeline) else VideoDiTPipeline.from_pretrained(str(pipeline))
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    out, start = [], time.perf_counter()
+    for i in range(0, len(labels), batch):
+        frames = pipe(
+            labels[i : i + batch].tolist(),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="pt",
+        ).frames  # (b, T, C, S, S) in [0, 1]
+        out.append(frames[:, :, 0] * 2 - 1)
+    seconds = (time.perf_counter() - start) / len(labels)
+    state = psa_state(pipe.transformer)
+    densities = [float(d) for d in state.densities.values()] if state is not None else []
+    return torch.cat(out), labels, seconds, (sum(densities) / len(densities) if densities else None)
