@@ -1,5 +1,11 @@
 """Measuring helpers shared by the benchmark scripts: CPU throughput and peak memory of a callable,
-each measurement in a fresh process, and writing a named section of BENCHMARKS.md."""
+each measurement in a fresh process, and writing a named section of BENCHMARKS.md.
+
+The scripts are modules of the `benchmarks` package of the repository (not installed), run from the repository
+root as `python -m benchmarks.<name>`: that is how they import this module and the anchors in `tests.anchors`
+without editing `sys.path`. Nothing outside `benchmarks/` imports them; tests run them as programs.
+`ZOO_BENCHMARKS_MD=<file>` sends the sections to another file than the repository's BENCHMARKS.md.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+BENCHMARKS_MD = Path(os.environ.get("ZOO_BENCHMARKS_MD") or ROOT / "BENCHMARKS.md")
 
 __all__ = ["alternate", "machine_description", "measure_in_subprocess", "time_callable", "write_section"]
 
@@ -108,11 +114,18 @@ def measure_in_subprocess(
     return result
 
 
+def _command(name: str) -> str:
+    """The command that reproduces a section: the running benchmark script with its arguments, or, when the
+    writer is not a script of `benchmarks/` (an interactive session), the script named like the section."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.parent == ROOT / "benchmarks" and script.suffix == ".py":
+        return shlex.join(["python", "-m", f"benchmarks.{script.stem}", *sys.argv[1:]])
+    return f"python -m benchmarks.{name}"
+
+
 def write_section(name: str, markdown: str, title: str | None = None) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md, stamped with date, commit and machine."""
-    # The arguments too, when the section is written by that benchmark's own script, so the stamp reproduces it.
-    args = shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == f"{name}.py" and sys.argv[1:] else ""
-    command = f"python benchmarks/{name}.py" + (f" {args}" if args else "")
+    command = _command(name)
     stamp = (
         f"_Measured {datetime.date.today().isoformat()} at commit `{git_commit()}` on {machine_description()}; "
         f"command: `{command}`; 1-minute load average when written: {os.getloadavg()[0]:.1f} "

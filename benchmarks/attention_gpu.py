@@ -42,6 +42,9 @@ and 50% in the sweep, the 224 x 224 BRA stages, and the op and dense rows of PSA
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.attention_gpu [args]")
+
 import argparse
 import contextlib
 import dataclasses
@@ -57,9 +60,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if not __package__:  # run as a file: the repository root first, so that `benchmarks` and `kernels` import
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "attention_gpu"

@@ -1,8 +1,8 @@
 """BiFormer T/S/B against the authors' computation, same weights, both sides alternated in one process (CPU).
 
-    flock /tmp/bench.lock python benchmarks/biformer_vs_official.py [--sizes t s b] [--batch 8] [--rounds 5]
+    flock /tmp/bench.lock python -m benchmarks.biformer_vs_official [--sizes t s b] [--batch 8] [--rounds 5]
 
-The anchor is `benchmarks/anchors/biformer_official.py`: the official forward step by step (the authors'
+The anchor is `tests/anchors/biformer_official.py`: the official forward step by step (the authors'
 models/biformer.py: gather of `topk` key/value copies per region, materialized attention). Inference runs
 under `torch.no_grad()`; a training step is forward, mean-square loss and backward (no optimizer step) with
 every parameter requiring grad on both sides. Speed = official time / zoo time (above 1 favours the zoo).
@@ -11,22 +11,21 @@ Writes the "biformer_vs_official" section of BENCHMARKS.md.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.biformer_vs_official [args]")
+
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks._harness import alternate, write_section  # noqa: E402
+from benchmarks._harness import alternate, write_section
 
 
 def measure(size: str, batch: int, resolution: int, rounds: int) -> list[tuple]:
     import timm
 
     import zoo  # noqa: F401
-    from benchmarks.anchors.biformer_official import official_biformer_forward, random_official_state_dict
+    from tests.anchors.biformer_official import official_biformer_forward, random_official_state_dict
     from zoo.models.biformer import checkpoint_filter_fn
 
     sd = random_official_state_dict(size)

@@ -12,26 +12,26 @@ in both:
   stays meaningful when other jobs share the machine;
 - peak resident memory of one call above the level after setup, each model in its own fresh process.
 
-Usage: flock /tmp/bench.lock python benchmarks/davit_focalnet_vs_timm.py [--models davit_t focalnet_t] [--no-write]
+Usage: flock /tmp/bench.lock python -m benchmarks.davit_focalnet_vs_timm [--models davit_t focalnet_t] [--no-write]
 (a full run takes about half an hour on 2 cores)
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.davit_focalnet_vs_timm [args]")
 
 import argparse
 import multiprocessing as mp
 import os
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import write_section  # noqa: E402
+from benchmarks._harness import write_section
 
 PAIRS = {
     "davit_t": ("zoo_davit_t", "davit_tiny"),

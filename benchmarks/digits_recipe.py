@@ -6,10 +6,13 @@ on this machine's CPU. Records val top-1/top-5/loss per epoch with the wall-cloc
 started, and when val top-1 first reached 97%, in BENCHMARKS.md (section `digits_recipe`). The load
 average is sampled during the run: CPU timings are only comparable on an otherwise idle machine.
 
-    flock /tmp/bench.lock python benchmarks/digits_recipe.py
+    flock /tmp/bench.lock python -m benchmarks.digits_recipe
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.digits_recipe [args]")
 
 import argparse
 import csv
@@ -132,7 +135,6 @@ def main() -> None:
         markdown = report(run(args.threads, Path(tmp)))
     print(markdown)
     if not args.no_write:
-        sys.path.insert(0, str(ROOT))
         from benchmarks._harness import write_section
 
         write_section("digits_recipe", markdown, title="Digits recipe: BiFormer-T from scratch on the CPU")

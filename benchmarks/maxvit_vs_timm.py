@@ -6,21 +6,20 @@ step (train mode, forward, cross-entropy, backward, AdamW step). Reported: image
 memory of one call above the level after setup, and zoo / timm ratios (throughput ratio > 1 means the
 zoo is faster; memory ratio < 1 means it uses less).
 
-Usage: flock /tmp/bench.lock python benchmarks/maxvit_vs_timm.py [--sizes t s] [--no-write]
+Usage: flock /tmp/bench.lock python -m benchmarks.maxvit_vs_timm [--sizes t s] [--no-write]
 """
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.maxvit_vs_timm [args]")
+
 import argparse
 import functools
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import measure_in_subprocess, write_section  # noqa: E402
+from benchmarks._harness import measure_in_subprocess, write_section
 
 TIMM_NAMES = {
     "t": "maxvit_tiny_tf_224",

@@ -1,7 +1,7 @@
 """CPU inference throughput and peak memory of every registered zoo model (BiFormer against the authors'
 computation: benchmarks/biformer_vs_official.py).
 
-    python benchmarks/models.py [--models 'zoo_*'] [--batch 8] [--size 224] [--threads 2]
+    python -m benchmarks.models [--models 'zoo_*'] [--batch 8] [--size 224] [--threads 2]
 
 Each measurement runs in a fresh process (peak memory = resident-set high-water mark of one forward
 above the level after building the model). Writes the "models" section of BENCHMARKS.md.
@@ -9,14 +9,13 @@ above the level after building the model). Writes the "models" section of BENCHM
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.models [args]")
+
 import argparse
 import functools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import measure_in_subprocess, write_section  # noqa: E402
+from benchmarks._harness import measure_in_subprocess, write_section
 
 
 def _zoo_forward(name: str, batch: int, size: int):

@@ -1,7 +1,7 @@
 """Pyramid Sparse Attention: attention time against dense SDPA, and output error against dense by token order.
 
-    flock /tmp/bench.lock python benchmarks/psa.py                 # CPU: writes the "psa" section
-    python benchmarks/psa.py --device cuda                         # GPU: writes the "psa_gpu" section
+    flock /tmp/bench.lock python -m benchmarks.psa                 # CPU: writes the "psa" section
+    python -m benchmarks.psa --device cuda                         # GPU: writes the "psa_gpu" section
 
 CPU: attention alone at a modest video token grid (8 x 16 x 32 = 4096 tokens, 4 heads of 64, fp32, batch 1):
 dense `scaled_dot_product_attention`; PSA end to end (reorder, plan, pyramid sparse op, restore) with the
@@ -19,15 +19,14 @@ alone at that length. Until the Triton kernel lands PSA runs on the PyTorch refe
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.psa [args]")
+
 import argparse
 import functools
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import measure_in_subprocess, write_section  # noqa: E402
+from benchmarks._harness import measure_in_subprocess, write_section
 
 GRID, HEADS, HEAD_DIM = (8, 16, 32), 4, 64
 
@@ -240,7 +239,7 @@ def gpu() -> str:
         disable_psa(model)
     return "\n".join(
         [
-            f"`python benchmarks/psa.py --device cuda` on {torch.cuda.get_device_name()}, bf16, Wan2.1-1.3B shape, "
+            f"`python -m benchmarks.psa --device cuda` on {torch.cuda.get_device_name()}, bf16, Wan2.1-1.3B shape, "
             "81 frames at 480x832 (32760 tokens), random "
             "weights; PSA on the PyTorch reference (no Triton kernel yet).",
             "",

@@ -7,17 +7,20 @@ command started, and when val mIoU first reached 0.80 (the budget: 15 minutes on
 (section `seg_digits_recipe`). The 1-minute load average is sampled during the run and the other processes
 busy on the CPU are counted: CPU timings are only comparable on an otherwise idle machine.
 
-    flock /tmp/bench.lock python benchmarks/seg_digits_recipe.py
+    flock /tmp/bench.lock python -m benchmarks.seg_digits_recipe
 
 On a machine shared with other sessions, `nice` alone does not put the run ahead of their jobs (the kernel's
 autogroups share the CPU between sessions first); as root, give it a session of its own with a raised
 autogroup priority:
 
     setsid sh -c 'echo -10 > /proc/self/autogroup; exec flock /tmp/bench.lock nice -n -10 \
-        python benchmarks/seg_digits_recipe.py'
+        python -m benchmarks.seg_digits_recipe'
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.seg_digits_recipe [args]")
 
 import argparse
 import csv
@@ -184,7 +187,6 @@ def main() -> None:
         markdown = report(run(args.threads, Path(tmp), args.overrides))
     print(markdown)
     if not args.no_write:
-        sys.path.insert(0, str(ROOT))
         from benchmarks._harness import write_section
 
         write_section("seg_digits_recipe", markdown, title="Segmentation recipe: BiFormer-T + Semantic FPN on digits")

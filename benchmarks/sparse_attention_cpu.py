@@ -1,6 +1,6 @@
 """Sparse attention on the CPU against dense `scaled_dot_product_attention`, both sides alternated in one process.
 
-    flock /tmp/bench.lock python benchmarks/sparse_attention_cpu.py [--threads 2] [--rounds 7] [--no-write]
+    flock /tmp/bench.lock python -m benchmarks.sparse_attention_cpu [--threads 2] [--rounds 7] [--no-write]
 
 fp32; the attention rows at batch 1. Rows:
 
@@ -19,17 +19,17 @@ Writes the "sparse_attention_cpu" section of BENCHMARKS.md.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.sparse_attention_cpu [args]")
+
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks._harness import alternate, write_section  # noqa: E402
+from benchmarks._harness import alternate, write_section
 
 HEADS, HEAD_DIM = 4, 64
 

@@ -1,6 +1,6 @@
 """Video DiT on moving digits: PSA vs dense attention, judged by a classifier that never saw the training digits.
 
-    python benchmarks/video_dit_digits.py --psa RUN_DIR --dense RUN_DIR
+    python -m benchmarks.video_dit_digits --psa RUN_DIR --dense RUN_DIR
 
 RUN_DIR is a training run's log directory (`.../lightning_logs/version_N`, holding `pipeline/` and
 `training_summary.json`, as `train/video_dit.py` leaves them). For each run the script loads the exported
@@ -14,26 +14,28 @@ which the video model never saw), rendered by the same `render_clip` at random p
   frames over shifts of up to 3 pixels (1.0 for a rigid moving digit, as the real clips are);
 - training speed (optimizer steps per second and wall time, from the run's summary) and PSA's density.
 
-The same figures on real clips of the train digits calibrate the evaluator. The section goes to
-BENCHMARKS.md through `benchmarks._harness.write_section("video_dit_digits", ...)`.
+The same figures on real clips of the train digits calibrate the evaluator (`zoo.evaluation`, which the shipped
+checkpoint's quality test uses too). The section goes to BENCHMARKS.md through
+`benchmarks._harness.write_section("video_dit_digits", ...)`; `--ship DIR` also copies the PSA run's pipeline
+to DIR with a model card (how `checkpoints/zoo-video-dit-digits` was made).
 """
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.video_dit_digits [args]")
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-# The repository root on the path: the script imports `benchmarks` and `zoo` when run as a file.
-sys.path.insert(0, str(ROOT))
+from benchmarks._harness import write_section
+from zoo.evaluation import clip_metrics, generate_clips, train_frame_classifier
+from zoo.training.video_data import MovingDigits
 
-from benchmarks._harness import write_section  # noqa: E402
-from zoo.evaluation import clip_metrics, generate_clips, train_frame_classifier  # noqa: E402
-from zoo.training.video_data import MovingDigits  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="more run directories (the same recipe on other training seeds, PSA or dense): rows of their own",
     )
+    parser.add_argument(
+        "--evaluator-steps", type=int, default=600, help="training steps of the digit reader (fewer: a quick look)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("--ship", type=Path, default=None, help="copy the PSA run's pipeline here, with README")
     args = parser.parse_args(argv)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one thread is the fastest on the shared CPU these runs were made on
     clip = {**_run_config(args.psa)["data"]}
     clip["size"] = clip["frame_size"]
-    classifier, evaluator_acc = train_frame_classifier(clip["size"], clip["digit_size"])
+    classifier, evaluator_acc = train_frame_classifier(clip["size"], clip["digit_size"], steps=args.evaluator_steps)
     print(f"evaluator accuracy on frames of unseen (train-split) digits: {evaluator_acc:.4f}", flush=True)
     real = MovingDigits(
         "train", 100, clip["num_frames"], clip["size"], clip["digit_size"], clip.get("max_speed", 1.0), seed=123
@@ -269,7 +274,7 @@ precision {summary["precision"]}, last training loss {summary.get("last_train_lo
 
 Quality ({args.per_class} clips per digit, {args.steps} Euler steps, guidance {args.guidance}; evaluator: a CNN
 trained only on the held-back digits, {evaluator_acc:.1%} accurate on frames of unseen digits;
-`python benchmarks/video_dit_digits.py`, BENCHMARKS.md section video_dit_digits):
+`python -m benchmarks.video_dit_digits`, BENCHMARKS.md section video_dit_digits):
 
 | model | frame accuracy | clip accuracy | label consistency | shape consistency | attention density | train steps/s |
 |---|---|---|---|---|---|---|
@@ -294,7 +299,9 @@ Use (the defaults of a call are the settings above: {config["data"]["num_frames"
     frames = pipe([3, 7]).frames   # (2, {config["data"]["num_frames"]}, {config["data"]["frame_size"]}, \
 {config["data"]["frame_size"]}, 1) in [0, 1]
 
-or `python -m zoo.generate checkpoints/zoo-video-dit-digits --labels 3 7 --out samples/`.
+or `python -m zoo.generate checkpoints/zoo-video-dit-digits --labels 3 7 --out samples/`. The evaluator above
+judges any generations of it (`zoo.evaluation`: `train_frame_classifier({config["data"]["frame_size"]}, \
+{config["data"]["digit_size"]})`, `generate_clips`, `clip_metrics`).
 `from_pretrained` checks the files against `MANIFEST.sha256` first (as `sha256sum -c MANIFEST.sha256` in this
 folder does) and names any file that does not match.
 """

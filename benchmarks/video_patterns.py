@@ -1,6 +1,6 @@
 """Video sparse-attention patterns at equal density: error against dense on a diffusers Wan transformer, and CPU speed.
 
-    flock /tmp/bench.lock python benchmarks/video_patterns.py [--rounds 5] [--no-write]
+    flock /tmp/bench.lock python -m benchmarks.video_patterns [--rounds 5] [--no-write]
 
 Patterns (`blocks/sparse_patterns.py`, `blocks/pyramid_sparse.py`), all on `kernels.block_sparse_attention`:
 PSA (its planner; quota of full-resolution blocks only, so that its density is the target), STA, GNA
@@ -26,20 +26,20 @@ with each pattern (`--model.attention sta`, ...).
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.video_patterns [args]")
+
 import argparse
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-
-from benchmarks._harness import alternate, write_section  # noqa: E402
-from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention  # noqa: E402
-from blocks.sparse_patterns import pattern_at_density, vmoba_attention  # noqa: E402
+from benchmarks._harness import alternate, write_section
+from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
+from blocks.sparse_patterns import pattern_at_density, vmoba_attention
 
 TARGETS = (0.1, 0.2, 0.3, 0.5)
 PATTERNS = ("psa", "sta", "neighborhood", "radial")
@@ -257,7 +257,7 @@ def main() -> None:
     text = "\n".join(
         [
             "Patterns on the one block-sparse op, each at the setting whose density is nearest the target "
-            "(`python benchmarks/video_patterns.py`; method in its docstring).",
+            "(`python -m benchmarks.video_patterns`; method in its docstring).",
             "",
             "Error of the attention output against dense SDPA, on the self-attention inputs of a random-weight "
             "diffusers Wan transformer (4 layers, 8 x 16 x 16 tokens, smooth latent), mean over layers:",

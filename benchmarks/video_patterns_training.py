@@ -1,6 +1,6 @@
 """Training the digits video DiT with each sparse-attention pattern at one density, against dense at the same steps.
 
-    flock /tmp/bench.lock python benchmarks/video_patterns_training.py [--steps 400] [--density 0.4] [--no-write]
+    flock /tmp/bench.lock python -m benchmarks.video_patterns_training [--steps 400] [--density 0.4] [--no-write]
 
 Each run is the recipe (configs/video/video_dit_digits.yaml: its model, data, optimizer and schedule, one CPU
 thread) from the same seed for `--steps` updates, with `--model.attention` set to dense, PSA (full-resolution
@@ -14,18 +14,19 @@ checkpoint took 18,000 steps.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.video_patterns_training [args]")
+
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from benchmarks._harness import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from benchmarks._harness import write_section  # noqa: E402
 
 RUNS = ("dense", "psa", "sta", "neighborhood", "radial", "vmoba")
 
@@ -116,7 +117,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"The digits recipe trained {args.steps} steps from the same seed with each attention at density "
-            f"{args.density} (`python benchmarks/video_patterns_training.py`; method in its docstring); one CPU "
+            f"{args.density} (`python -m benchmarks.video_patterns_training`; method in its docstring); one CPU "
             "thread per run.",
             "",
             "| attention | density (sampling) | loss, last quarter | train steps/s | frame accuracy |",

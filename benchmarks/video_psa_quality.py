@@ -1,7 +1,7 @@
 """Generation quality of PSA against dense attention: PSNR and SSIM of videos generated from the same noise.
 
-    flock /tmp/bench.lock python benchmarks/video_psa_quality.py            # writes the "video_psa_quality" section
-    python benchmarks/video_psa_quality.py --no-write --steps 4             # a quick look
+    flock /tmp/bench.lock python -m benchmarks.video_psa_quality            # writes the "video_psa_quality" section
+    python -m benchmarks.video_psa_quality --no-write --steps 4             # a quick look
 
 For each model, one generation with dense attention and one per PSA configuration, from the same initial noise
 and conditioning; the PSA videos are scored against the dense one with torchmetrics' PSNR and SSIM (frames as
@@ -25,17 +25,18 @@ attention's arithmetic, averaged over layers and steps.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file, `benchmarks` and `tests` would not import
+    raise SystemExit("run from the repository root as: python -m benchmarks.video_psa_quality [args]")
+
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks._harness import write_section
 
-from benchmarks._harness import write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHIPPED = ROOT / "checkpoints" / "zoo-video-dit-digits"
 BLOCKS = dict(block_q=32, block_k=16, reorder="gilbert")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from benchmarks.anchors.biformer_official import _bra
 from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE, route_regions
+from tests.anchors.biformer_official import official_bra
 
 
 def _official_weights(block: BiLevelRoutingAttention) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def test_bra_matches_official_computation(size):
     x = torch.randn(2, *size, 64)
     with torch.no_grad():
         out = block(x)
-        expected = _bra(x, _official_weights(block), "", num_heads=2, topk=4)
+        expected = official_bra(x, _official_weights(block), "", num_heads=2, topk=4)
     assert out.shape == x.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

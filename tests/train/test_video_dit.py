@@ -308,27 +308,6 @@ def test_generate_defaults_to_the_pipelines_settings(tmp_path, monkeypatch):
     assert exit_info.value.code == 2
 
 
-def test_benchmark_names_runs_and_stamps_its_command(tmp_path, monkeypatch):
-    # Rows of other training runs are named from the run's saved config, and the BENCHMARKS.md stamp carries
-    # the arguments the section was measured with, so that it can be re-run.
-    from benchmarks import _harness
-    from benchmarks.video_dit_digits import run_name
-
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 1, "model": {"attention": "dense"}}))
-    assert run_name(tmp_path) == "dense, training seed 1"
-    psa = {"seed_everything": 0, "model": {"attention": "psa", "psa_config": {"level_bounds": [0.5, 0.75, 1, 1]}}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(psa))
-    assert run_name(tmp_path) == "PSA level_bounds [0.5, 0.75, 1, 1], training seed 0"
-    monkeypatch.setattr(_harness, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
-    monkeypatch.setattr(sys, "argv", ["benchmarks/video_dit_digits.py", "--psa", "runs/a b", "--guidance", "8"])
-    _harness.write_section("video_dit_digits", "table", title="T")
-    text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "command: `python benchmarks/video_dit_digits.py --psa 'runs/a b' --guidance 8`" in text
-    monkeypatch.setattr(sys, "argv", ["pytest"])
-    _harness.write_section("other", "table")
-    assert "command: `python benchmarks/other.py`;" in (tmp_path / "BENCHMARKS.md").read_text()
-
-
 @pytest.mark.parametrize("attention", ["sta", "vmoba"])
 def test_the_recipe_trains_with_a_sparse_pattern(tmp_path, attention):
     # Issue 18: `--model.attention {sta,neighborhood,radial,vmoba}` trains the recipe's model with that pattern.

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo  # noqa: F401
-from benchmarks.anchors.biformer_official import (
+from tests.anchors.biformer_official import (
     official_biformer_forward,
     official_biformer_shapes,
     random_official_state_dict,

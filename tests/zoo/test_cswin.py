@@ -180,10 +180,10 @@ def test_too_small_input_raises(model):
 
 def test_logits_equal_the_official_attention_path(model):
     # The anchor recomputes every attention module the way the official code does (its layout, reshapes and
-    # explicit softmax; benchmarks/cswin_litv2_vs_official.py), on the same weights.
-    from benchmarks.cswin_litv2_vs_official import _swap_attention
+    # explicit softmax; tests/anchors/cswin_litv2_official.py), on the same weights.
+    from tests.anchors.cswin_litv2_official import swap_official_attention
 
-    anchor = _swap_attention(copy.deepcopy(model))
+    anchor = swap_official_attention(copy.deepcopy(model))
     assert sum(type(m).__name__.startswith("Official") for m in anchor.modules()) > 0
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from mmengine import Config
 from mmengine.registry import MODELS
 
 import zoo.integrations.mmengine  # noqa: F401  (registers ZooBackbone)
-from benchmarks.anchors.biformer_official import random_official_state_dict
+from tests.anchors.biformer_official import random_official_state_dict
 from tests.zoo.test_timm_contract import MODELS as SMALLEST
 from zoo.integrations import DenseBackbone
 from zoo.integrations.dense import OUT_NORMS

@@ -3,8 +3,9 @@
 An anchor, not a model to use: it follows the official `models/biformer.py` and `ops/bra_legacy.py`
 (rayleizhu/BiFormer) step by step, including the gather of `topk` key/value copies per query region
 and the materialized attention matrix, with `auto_pad` on for sizes that are not multiples of the
-region count. Tests compare the zoo model with it, and benchmarks time the zoo model against it.
-Also provides `official_biformer_shapes`, the key names and shapes of the released checkpoints.
+region count. Tests compare the zoo model with it, and `benchmarks/biformer_vs_official.py` times the zoo model
+against it. Also provides `official_biformer_shapes`, the key names and shapes of the released checkpoints, and
+`official_bra`, one routing attention layer the official way.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _bn(x, sd, p):
     return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], False)
 
 
-def _bra(x, sd, p, num_heads, topk):
+def official_bra(x, sd, p, num_heads, topk):
     """Official BiLevelRoutingAttention (identity kv downsampling, auto_pad); x: (N, H, W, C)."""
     n, h_in, w_in, c = x.shape
     pad_r, pad_b = (N_WIN - w_in % N_WIN) % N_WIN, (N_WIN - h_in % N_WIN) % N_WIN
@@ -153,7 +154,7 @@ def official_biformer_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, size
             x = x.permute(0, 2, 3, 1)
             y = F.layer_norm(x, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
             if i < 3:
-                y = _bra(y, sd, p + "attn.", num_heads=c // HEAD_DIM, topk=TOPKS[i])
+                y = official_bra(y, sd, p + "attn.", num_heads=c // HEAD_DIM, topk=TOPKS[i])
             else:
                 y = _attention_lepe(y, sd, p + "attn.")
             x = x + y
