@@ -1,6 +1,8 @@
-"""The arrows of DESIGN.md point down: kernels know nothing of blocks or zoo, blocks nothing of zoo."""
+"""The arrows of DESIGN.md point down: kernels know nothing of blocks or zoo, blocks nothing of zoo; nothing imports
+the benchmark scripts, nothing installed imports the tests, and no file edits `sys.path`."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -10,13 +12,39 @@ FORBIDDEN = {"kernels": {"blocks", "zoo", "train"}, "blocks": {"zoo", "train"}, 
 
 
 def _imported_roots(path: Path) -> set[str]:
+    return _imported_roots_of(ast.parse(path.read_text()))
+
+
+def _imported_roots_of(tree: ast.AST) -> set[str]:
+    """Top-level names a module imports: import statements, and string names given to `importlib.import_module`,
+    `__import__` or `runpy.run_module`."""
     roots = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and _called_name(node) in ("import_module", "__import__", "run_module"):
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                roots.add(first.value.split(".")[0])
+            elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
+                roots.add(str(first.values[0].value).split(".")[0])
     return roots
+
+
+def _called_name(call: ast.Call) -> str | None:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [
+        path
+        for folder in folders
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
+    ]
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -26,3 +54,85 @@ def test_imports_point_down(package):
         for path in (ROOT / package).rglob("*.py")
     }
     assert not {k: v for k, v in offenders.items() if v}, f"upward imports in {package}/"
+
+
+# DESIGN.md: tests and shipped artefacts never import from `benchmarks/` (scripts, not a library); the anchors the
+# tests hold (tests/anchors) are no part of what is installed either.
+NOT_IMPORTED = {
+    "tests": {"benchmarks"},
+    "zoo": {"benchmarks", "tests"},
+    "blocks": {"benchmarks", "tests"},
+    "kernels": {"benchmarks", "tests"},
+    "train": {"benchmarks", "tests"},
+}
+
+
+@pytest.mark.parametrize("folder", sorted(NOT_IMPORTED))
+def test_benchmarks_and_tests_are_not_imported_from(folder):
+    files = _python_files(folder)
+    assert files, f"no Python files under {folder}/"
+    offenders = {str(path.relative_to(ROOT)): sorted(_imported_roots(path) & NOT_IMPORTED[folder]) for path in files}
+    assert not {k: v for k, v in offenders.items() if v}, f"imports of benchmarks or tests from {folder}/"
+
+
+def test_shipped_configs_name_no_benchmark_class():
+    # A recipe's `class_path: benchmarks.x.Y` would make the shipped config need the scripts.
+    files = [p for p in (ROOT / "configs").rglob("*") if p.suffix in (".yaml", ".yml", ".json")]
+    files += [p for p in (ROOT / "checkpoints").rglob("*") if p.suffix in (".yaml", ".yml", ".json")]
+    assert files
+    offenders = [str(p.relative_to(ROOT)) for p in files if re.search(r"\b(benchmarks|tests)\.\w", p.read_text())]
+    assert not offenders
+
+
+def _edits_sys_path(tree: ast.AST) -> list[int]:
+    """Lines that change `sys.path`: a method call on it (insert, append, extend, ...), an assignment to it or
+    to an item of it, or an augmented assignment."""
+
+    def is_sys_path(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "path"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+        )
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            if node.func.attr not in ("index", "count", "copy"):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if is_sys_path(target) or (isinstance(target, ast.Subscript) and is_sys_path(target.value)):
+                    lines.append(node.lineno)
+        elif isinstance(node, ast.Delete):
+            if any(isinstance(t, ast.Subscript) and is_sys_path(t.value) for t in node.targets):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_file_edits_sys_path():
+    # Scripts run as `python -m benchmarks.<name>` / `python train/<x>.py` with the package installed; a path
+    # edit would hide an import that only works from one directory.
+    files = [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+    files = [p for p in files if p.relative_to(ROOT).parts[0] not in ("out", "logs") and ".egg-info" not in str(p)]
+    assert len(files) > 50
+    offenders = {str(p.relative_to(ROOT)): lines for p in files if (lines := _edits_sys_path(ast.parse(p.read_text())))}
+    assert not offenders
+
+
+def test_the_checks_catch_what_they_look_for():
+    # The checks above would pass vacuously if they recognised nothing: each finds its offence in a sample.
+    tree = ast.parse(
+        "import importlib, sys\n"
+        "from benchmarks._harness import write_section\n"
+        "importlib.import_module('tests.anchors.biformer_official')\n"
+        "sys.path.insert(0, '.')\n"
+        "sys.path[0] = '.'\n"
+        "sys.path += ['.']\n"
+        "sys.path.append('.')\n"
+        "sys.path.index('.')\n"
+    )
+    assert sorted(_edits_sys_path(tree)) == [4, 5, 6, 7]
+    assert {"benchmarks", "tests"} <= _imported_roots_of(tree)
