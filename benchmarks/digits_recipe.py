@@ -41,6 +41,8 @@ class EpochClock(Callback):
 def run(threads: int | None, workdir: Path) -> dict:
     clock = workdir / "clock.yaml"
     clock.write_text("trainer:\n  callbacks:\n    - class_path: benchmarks.digits_recipe.EpochClock\n")
+    # The launcher runs as the README's command, a file (train/ first on its path): it finds the clock callback,
+    # a class of this script, through the repository root on its PYTHONPATH.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
