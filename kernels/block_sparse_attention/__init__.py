@@ -185,12 +185,16 @@ def block_sparse_attention(
     block_k: int,
     scale: float | None = None,
     num_levels: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Each query block attends, under one softmax, to the key/value blocks its index row lists.
 
     Tokens are grouped in order: query block i holds queries [i * block_q, (i + 1) * block_q), key block j
     keys [j * block_k, (j + 1) * block_k); the last block of each may be shorter. An entry at level p reads
     its key block average-pooled in groups of 2**p tokens, each pooled logit raised by log(group tokens).
+    Causal, query i (its position in q; q and k aligned at their first token, as torch's `is_causal`) sees key
+    j only if j <= i, and a pooled group only once its last real token is at or before i, as the official causal
+    PSA kernel decides. With every block listed at level 0 that is `scaled_dot_product_attention(is_causal=True)`.
 
     Args:
         q: (B, H, Lq, D) queries.
@@ -207,10 +211,13 @@ def block_sparse_attention(
         scale: logit scale; defaults to D ** -0.5.
         num_levels: levels in the pyramid; defaults to 1 + max(kv_level) (a device sync; pass it explicitly
             on CUDA and under torch.compile).
+        causal: hide from every query the keys (and pooled groups) that end after it.
 
     Returns:
-        (B, H, Lq, Dv); zero rows for query blocks without entries.
+        (B, H, Lq, Dv); zero rows for query blocks without entries (and, causal, for queries that see none).
     """
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
     if num_levels is None:
         num_levels = 1 if kv_level is None or kv_level.numel() == 0 else max(int(kv_level.max()) + 1, 1)
     _check_inputs(q, k, v, kv_index, kv_level, bias, block_q, block_k, num_levels)
@@ -225,7 +232,7 @@ def block_sparse_attention(
         bias = bias.to(q.dtype)
     if kv_level is not None and num_levels == 1:
         kv_level = None
-    args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+    args = (q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels, causal)
     if 0 in (q.shape[0], q.shape[1], q.shape[2], kv_index.shape[-1], k.shape[2]):  # nothing to attend to
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         # Kept in the graph (zero gradients, from empty slices: no NaN from inf inputs) so that a backward

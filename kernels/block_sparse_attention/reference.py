@@ -17,6 +17,10 @@ At level p the pooled key of group g gets the mean of `bias[h, a, c]` over the g
 An entry -1 is an empty slot; a row without entries gives a zero output row. A block listed n times is
 attended n times (log(n) added to its logits), as a gather of the listed blocks would do.
 
+Causal: query `i` (its position in q) sees key token `j` only if `j <= i`, and a pooled group only once all
+its real tokens are visible (its last real token `<= i`), as the official causal PSA kernel decides; q and k
+are aligned at their first token (torch's `is_causal`). A query that sees no listed key gets a zero row.
+
 This file is the definition, not a backend to be fast: every pooled level is a matrix of group means,
 every logit of every query against every pooled key is formed, and the ones not listed are masked. Its
 memory grows with Lq times the pyramid's length; the backends in `torch_impl.py` and `triton_impl.py`
@@ -32,12 +36,15 @@ import torch
 __all__ = ["block_sparse_attention_reference"]
 
 
-def _group_means(length: int, block_k: int, level: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_means(
+    length: int, block_k: int, level: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooling at one level as a matrix.
 
     Returns:
         means: (G, length) float64, row g averaging the real tokens of group g (a zero row for a group without).
         counts: (G,) real tokens per group. Groups run block by block, ceil(block_k / 2**level) per block.
+        last: (G,) position of the last real token of each group (-1 for a group without).
     """
     size = 1 << level
     per_block = -(-block_k // size)
@@ -46,7 +53,8 @@ def _group_means(length: int, block_k: int, level: int, device: torch.device) ->
     group = (token // block_k) * per_block + (token % block_k) // size
     member = torch.arange(blocks * per_block, device=device)[:, None] == group[None, :]
     counts = member.sum(1)
-    return member.double() / counts.clamp_min(1)[:, None], counts
+    last = torch.where(member, token, -1).amax(1)
+    return member.double() / counts.clamp_min(1)[:, None], counts, last
 
 
 def block_sparse_attention_reference(
@@ -60,6 +68,7 @@ def block_sparse_attention_reference(
     block_k: int,
     scale: float,
     num_levels: int = 1,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention by masking dense attention over the whole key pyramid.
 
@@ -74,6 +83,7 @@ def block_sparse_attention_reference(
         block_k: key tokens per block.
         scale: factor applied to q·k.
         num_levels: levels of the pyramid.
+        causal: query i sees a key group only if the group's last real token is at or before position i.
 
     Returns:
         (B, H, Lq, Dv) in the dtype of q, computed in float64.
@@ -87,7 +97,7 @@ def block_sparse_attention_reference(
     query_block = torch.arange(lq, device=q.device) // block_q
     logits, values = [], []
     for p in range(num_levels):
-        means, counts = _group_means(lk, block_k, p, q.device)
+        means, counts, last = _group_means(lk, block_k, p, q.device)
         per_block = -(-block_k // (1 << p))
         key_block = torch.arange(mk * per_block, device=q.device) // per_block
         # times[b, h, i, j]: how often query block i lists key block j at level p.
@@ -102,7 +112,10 @@ def block_sparse_attention_reference(
                 [bias.double()[..., c : c + (1 << p)].mean(-1) for c in column.tolist()], dim=-1
             )  # (Hb, block_q, per_block)
             logit = logit + pooled[:, torch.arange(lq, device=q.device) % block_q].repeat(1, 1, mk)
-        logits.append(logit.masked_fill((times == 0) | (counts == 0), -math.inf))
+        hidden = (times == 0) | (counts == 0)
+        if causal:
+            hidden = hidden | (last[None, :] > torch.arange(lq, device=q.device)[:, None])
+        logits.append(logit.masked_fill(hidden, -math.inf))
         values.append((means @ v64).expand(b, h, -1, -1))
     logits = torch.cat(logits, -1)
     empty = (logits == -math.inf).all(-1, keepdim=True)

@@ -16,6 +16,10 @@ block) and attend from every query block to the pyramid slots its row lists.
   gathered instead and merged in (see the function). Outside a compiled region it is compiled once per
   shape (`torch.compile(flex_attention, dynamic=False)`); inside one it is traced. torch 2.14 has
   FlexAttention forward and backward on CUDA, forward only on the CPU.
+
+With `causal=True` every backend hides from query i the pyramid slots whose last real token lies past i (see
+`reference.py`): an additive -inf per (query, slot) in the gathered and masked forms, a mask-function term and
+mask blocks split into full, partial and skipped along the diagonal in FlexAttention.
 """
 
 from __future__ import annotations
@@ -59,6 +63,25 @@ def _group_counts(length: int, block_k: int, level: int, device: torch.device) -
     start = torch.arange(blocks, device=device).unsqueeze(1) * block_k
     offset = torch.arange(_cdiv(block_k, f), device=device) * f
     return ((length - start).clamp(max=block_k) - offset).clamp(0, f)
+
+
+def _group_last(length: int, block_k: int, level: int, device: torch.device) -> torch.Tensor:
+    """Position of the last real token of each pooling group: (ceil(length / block_k), ceil(block_k / 2**level)).
+
+    A group without real tokens (past the end of a short last block) gets length - 1; its log count is -inf.
+    """
+    f, blocks = 1 << level, _cdiv(length, block_k)
+    start = torch.arange(blocks, device=device).unsqueeze(1) * block_k
+    end = (torch.arange(_cdiv(block_k, f), device=device) * f + f).clamp(max=block_k)
+    return (start + end).clamp(max=length) - 1
+
+
+def _causal_mask(last: torch.Tensor, first_query: int, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (..., num_queries, W) hiding from each query the slots whose last token (last: (..., W)) is
+    past it; queries at positions first_query, first_query + 1, ..."""
+    pos = torch.arange(first_query, first_query + num_queries, device=last.device)
+    hide = last.unsqueeze(-2) > pos.unsqueeze(-1)
+    return torch.zeros((), dtype=dtype, device=last.device).masked_fill(hide, float("-inf"))
 
 
 def pool_groups(x: torch.Tensor, block_k: int, level: int) -> torch.Tensor:
@@ -123,9 +146,12 @@ class _Listed(NamedTuple):
     bias: torch.Tensor | None  # (Hb, bq, W): the bias columns of every listed slot
     unit: int
     levels: tuple[int, ...]  # the pyramid's levels, in order
+    slot_last: torch.Tensor | None = None  # (S,): causal only, each slot's last real token
 
 
-def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: int) -> _Listed | None:
+def _listed_slots(
+    q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: int, causal: bool = False
+) -> _Listed | None:
     """The levels in use laid end to end (the pyramid) and, per query block, the pyramid rows it lists.
 
     Rows are runs of `unit` consecutive slots (the largest size dividing a block at every level in use), so
@@ -164,30 +190,41 @@ def _listed_slots(q, k, v, kv_index, kv_level, bias, block_k: int, num_levels: i
             biases.append(pool_bias_columns(bias, p).repeat(1, 1, blocks.shape[-1]))
         start += mk * n
     mask = _cat(masks, -1)
+    slot_last = None
+    if causal:
+        slot_last = _cat([_group_last(lk, block_k, p, q.device).flatten() for p, _ in selected], 0)
     if len(selected) == 1 and selected[0][0] == 0 and bias is None and not torch.compiler.is_compiling():
         # Whole blocks at level 0, every slot valid (the routed regions of BiFormer): no mask at all, which
         # keeps SDPA on its unmasked kernel.
         if mask.device.type != "meta" and bool((mask == 0).all()):
             mask = None
     levels = tuple(p for p, _ in selected)
-    return _Listed(keys, values, _cat(rows, -1), mask, _cat(biases, -1) if biases else None, unit, levels)
+    biases = _cat(biases, -1) if biases else None
+    return _Listed(keys, values, _cat(rows, -1), mask, biases, unit, levels, slot_last)
 
 
-def _gathered(listed: _Listed, part: slice):
+def _gathered(listed: _Listed, part: slice, block_q: int):
     """Keys (B, H, m, W, D), values (B, H, m, W, Dv) and additive mask (B, H, m, 1 or bq, W) of query blocks
-    `part`."""
-    keys, values, rows, mask, bias, unit, _ = listed
+    `part` (of `block_q` queries each)."""
+    keys, values, rows, mask, bias, unit, _, slot_last = listed
     b, h, length, d = keys.shape
     rows = rows[:, :, part]
     flat = (torch.arange(b * h, device=rows.device).view(b, h, 1, 1) * (length // unit) + rows).flatten()
     m, width = rows.shape[2], rows.shape[3] * unit
     k_sel = keys.reshape(-1, unit * d).index_select(0, flat).view(b, h, m, width, d)
     v_sel = values.reshape(-1, unit * values.shape[-1]).index_select(0, flat).view(b, h, m, width, -1)
-    if mask is None:  # dropped only without a bias
-        return k_sel, v_sel, None
+    causal = None
+    if slot_last is not None:
+        slots = (rows.unsqueeze(-1) * unit + torch.arange(unit, device=rows.device)).flatten(-2)  # (., ., m, W)
+        pos = (part.start or 0) * block_q + torch.arange(m, device=rows.device).view(m, 1) * block_q
+        causal = _causal_mask(slot_last[slots] - pos, 0, block_q, keys.dtype)  # (., ., m, bq, W)
+    if mask is None:  # dropped only without a bias (and not causal)
+        return k_sel, v_sel, causal
     mask = mask[:, :, part].unsqueeze(-2)
     if bias is not None:
         mask = mask + bias[None, :, None]
+    if causal is not None:
+        mask = mask + causal
     return k_sel, v_sel, mask
 
 
@@ -199,7 +236,7 @@ _EXPLICIT_MAX_QUERIES = 16
 
 def _attend(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float) -> torch.Tensor:
     """Attention of query blocks (B, H, m, bq, D) to the slots they list, (B, H, m, bq, Dv)."""
-    keys, values, mask = _gathered(listed, part)
+    keys, values, mask = _gathered(listed, part, q_blocks.shape[3])
     b, h, m, bq, _ = q_blocks.shape
     if bq <= _EXPLICIT_MAX_QUERIES and q_blocks.device.type == "cpu":
         # Logits and softmax in at least fp32, as the fused kernels accumulate.
@@ -230,7 +267,7 @@ def _attend_lse(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float
 
     Written out (two matmuls and a softmax) because the fused CPU SDPA does not return the log-sum-exp.
     """
-    keys, values, mask = _gathered(listed, part)
+    keys, values, mask = _gathered(listed, part, q_blocks.shape[3])
     # In fp32 whatever the inputs: the log-sum-exp becomes a logit of the merge, where bf16 rounding of it
     # (0.06 at 20) would move the whole row.
     logits = torch.matmul(q_blocks.float() * scale, keys.float().transpose(-1, -2))
@@ -268,6 +305,7 @@ def block_sparse_attention_gather(
     block_k: int,
     scale: float,
     num_levels: int = 1,
+    causal: bool = False,
     query_block_chunk: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on the gathered slots of every query block (fused SDPA, slabs in inference).
@@ -282,7 +320,7 @@ def block_sparse_attention_gather(
     b, h, lq, d = q.shape
     dv = v.shape[-1]
     mq = _cdiv(lq, block_q)
-    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels)
+    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels, causal)
     if listed is None:
         return q.new_zeros(b, h, lq, dv)
     # Rows are copied out of the pyramid as whole runs of slots: lay strided keys and values out once here,
@@ -315,6 +353,7 @@ def block_sparse_attention_masked(
     block_k: int,
     scale: float,
     num_levels: int = 1,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention as one fused SDPA over the whole key pyramid under an additive block mask.
 
@@ -329,7 +368,7 @@ def block_sparse_attention_masked(
     """
     b, h, lq, d = q.shape
     mq = _cdiv(lq, block_q)
-    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels)
+    listed = _listed_slots(q, k, v, kv_index, kv_level, bias, block_k, num_levels, causal)
     if listed is None:
         return q.new_zeros(b, h, lq, v.shape[-1])
     size = listed.keys.shape[2]
@@ -343,6 +382,8 @@ def block_sparse_attention_masked(
         columns = _cat([pool_bias_columns(bias, p).repeat(1, 1, mk) for p in listed.levels], -1)
         mask = mask + columns[None, :, None]
     mask = mask.expand(*mask.shape[:3], block_q, size).flatten(2, 3)
+    if causal:
+        mask = mask + _causal_mask(listed.slot_last, 0, mq * block_q, mask.dtype)
     out = _sdpa_masked(_pad_tokens(q, mq * block_q), listed.keys, listed.values, mask, scale)
     return out[:, :, :lq]
 
@@ -396,10 +437,11 @@ def _pyramid_layout(lk: int, block_k: int, num_levels: int, device: torch.device
     unit: (S,) level * Mk + key block, or U = num_levels * Mk for padding;
     log_count: (S,) log of the group's real tokens, 0 for padding;
     real: (S,) whether the slot holds at least one real token;
-    column: (S,) column in the levels' bias tables laid end to end.
+    column: (S,) column in the levels' bias tables laid end to end;
+    last: (S,) position of the group's last real token, -1 for padding.
     """
     mk = _cdiv(lk, block_k)
-    units, log_counts, reals, columns, col0 = [], [], [], [], 0
+    units, log_counts, reals, columns, lasts, col0 = [], [], [], [], [], 0
     for p in range(num_levels):
         per_block = _cdiv(block_k, 1 << p)
         counts = _group_counts(lk, block_k, p, device).flatten()
@@ -411,8 +453,9 @@ def _pyramid_layout(lk: int, block_k: int, num_levels: int, device: torch.device
         reals.append(counts > 0)
         log_counts.append(counts.clamp_min(1).double().log())
         columns.append(col0 + slot % per_block)
+        lasts.append(F.pad(_group_last(lk, block_k, p, device).flatten(), (0, pad), value=-1))
         col0 += per_block
-    return torch.cat(units), torch.cat(log_counts), torch.cat(reals), torch.cat(columns)
+    return torch.cat(units), torch.cat(log_counts), torch.cat(reals), torch.cat(columns), torch.cat(lasts)
 
 
 def _blocks_to_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,6 +475,7 @@ def block_sparse_attention_flex(
     block_k: int,
     scale: float,
     num_levels: int = 1,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention with `flex_attention` and a block mask built from the tables.
 
@@ -450,11 +494,11 @@ def block_sparse_attention_flex(
     if not torch.is_grad_enabled():  # FlexAttention refuses CPU inputs that require grad, even under no_grad
         q, k, v, bias = (None if t is None else t.detach() for t in (q, k, v, bias))
     if kv_level is None or num_levels == 1 or torch.compiler.is_compiling() or q.device.type == "meta":
-        return _flex(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels)
+        return _flex(q, k, v, kv_index, kv_level, bias, block_q, block_k, scale, num_levels, causal)
     pooled = kv_level > 0
-    listed = _listed_slots(q, k, v, torch.where(pooled, kv_index, -1), kv_level, bias, block_k, num_levels)
+    listed = _listed_slots(q, k, v, torch.where(pooled, kv_index, -1), kv_level, bias, block_k, num_levels, causal)
     if listed is None:
-        return _flex(q, k, v, kv_index, None, bias, block_q, block_k, scale, 1)
+        return _flex(q, k, v, kv_index, None, bias, block_q, block_k, scale, 1, causal)
     b, h, lq, d = q.shape
     mq = _cdiv(lq, block_q)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
@@ -465,10 +509,13 @@ def block_sparse_attention_flex(
     out_p = _cat([o for o, _ in parts], 2).flatten(2, 3)[:, :, :lq]
     lse_p = _cat([x for _, x in parts], 2).flatten(2, 3)[:, :, :lq]
     level0 = torch.where(pooled, -1, kv_index)
-    return _flex(q, k, v, level0, None, bias, block_q, block_k, scale, 1, merge=(out_p, lse_p))
+    return _flex(q, k, v, level0, None, bias, block_q, block_k, scale, 1, causal, merge=(out_p, lse_p))
 
 
-def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: float, num_levels: int, merge=None):
+def _flex(
+    q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: float, num_levels: int, causal: bool,
+    merge=None,
+):  # fmt: skip
     """FlexAttention over the whole pyramid of the levels in use: (B, H, Lq, Dv).
 
     `merge`: (out (B, H, Lq, Dv), lse (B, H, Lq)) of attention to further keys of every row, merged into the
@@ -492,7 +539,7 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
     no_values = torch.compiler.is_compiling() or q.device.type == "meta"
     if num_levels > 1 and not no_values:
         top = int(torch.where(listed, level, 0).max()) + 1 if listed.any() else 1
-    slot_unit, log_count, real, column = _pyramid_layout(lk, block_k, top, q.device)
+    slot_unit, log_count, real, column, last = _pyramid_layout(lk, block_k, top, q.device)
     slot_unit = torch.where(slot_unit >= top * mk, num_units, slot_unit)
     k_pyr = torch.cat([_pad_tokens(pool_groups(k, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
                        for p in range(top)], 2)  # fmt: skip
@@ -506,6 +553,7 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
         slot_unit = F.pad(slot_unit, (0, block_k), value=num_units)
         real = F.pad(real, (0, block_k), value=True)
         column = F.pad(column, (0, block_k))
+        last = F.pad(last, (0, block_k), value=-1)
         log_count = F.pad(log_count, (0, block_k))
     num_kv_blocks = k_pyr.shape[2] // block_k
 
@@ -519,6 +567,14 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
     once = (times == 1).float() @ inside
     whole = real.view(num_kv_blocks, block_k).all(-1)  # every slot of the block holds real tokens
     full = (once == inside.sum(0)) & whole & visited
+    if causal:
+        # Along the diagonal: a block whose every slot is past every query of the query block is skipped, one
+        # whose every slot is visible to the block's first query needs no mask function.
+        first = torch.arange(mq, device=q.device).unsqueeze(-1) * block_q  # (Mq, 1)
+        block_last = torch.where(real, last, -1).view(num_kv_blocks, block_k)
+        block_first = torch.where(real, last, k_pyr.shape[2] + lq).view(num_kv_blocks, block_k)
+        visited = visited & (block_first.amin(-1) < first + block_q)
+        full = full & (block_last.amax(-1) <= first)
     partial = visited & ~full
     if merge is not None:
         partial[..., -1] = True
@@ -532,7 +588,8 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
     if merge is None:
 
         def mask_mod(bi, hi, qi, kvi):
-            return (times[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            kept = (times[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            return kept & (last[kvi] <= qi) if causal else kept
 
     else:
         merge_lse = _pad_tokens(merge[1].unsqueeze(-1), q_len).squeeze(-1).float()
@@ -540,6 +597,8 @@ def _flex(q, k, v, kv_index, kv_level, bias, block_q: int, block_k: int, scale: 
 
         def mask_mod(bi, hi, qi, kvi):
             kept = (times[bi, hi, qi // block_q, slot_unit[kvi]] > 0) & real[kvi]
+            if causal:
+                kept = kept & (last[kvi] <= qi)
             return kept | ((kvi == sentinel) & merge_live[bi, hi, qi])
 
     block_mask.mask_mod = mask_mod

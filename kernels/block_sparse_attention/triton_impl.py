@@ -18,6 +18,9 @@ included) so that each key tile sums its gradient in registers and stores it onc
 summed over query blocks in registers too, then added to an fp32 buffer with one atomic per tile, because
 every (batch, head, key block) shares the bias.
 
+Causal (`CAUSAL`): a slot is hidden from a query row that precedes its group's last real token, and a forward or
+dq program skips the entries whose key block starts past its tile's last row.
+
 Exponentials are base 2 with `scale * log2(e)` folded into the logits; the saved log-sum-exp is in that
 base too. Only CUDA launches are autotuned: the interpreter (CPU) uses one fixed tile.
 """
@@ -80,7 +83,7 @@ def _store_rows(ptr, value, rows, row_ok, cols, row_stride, n_cols):
 @triton.jit
 def _entry(IDX, LVL, LOFF, entry_off, NK, BK, POOLED: tl.constexpr):
     """Geometry of one index entry: (first pyramid slot, bias column offset, log2 of the group size,
-    group size, valid slots, tokens of the key block). An empty entry (-1) has no valid slot."""
+    group size, valid slots, tokens of the key block, its first token). An empty entry (-1) has no valid slot."""
     kb = tl.load(IDX + entry_off).to(tl.int64)
     block_len = tl.where(kb >= 0, tl.minimum(BK, NK - kb * BK), 0)
     if POOLED:
@@ -96,7 +99,7 @@ def _entry(IDX, LVL, LOFF, entry_off, NK, BK, POOLED: tl.constexpr):
         base = kb * BK
         bias_col = 0
         n_slots = block_len.to(tl.int32)
-    return base, bias_col, lvl, group, n_slots, block_len
+    return base, bias_col, lvl, group, n_slots, block_len, kb * BK
 
 
 @triton.jit
@@ -116,6 +119,13 @@ def _extra_logits(
 
 
 @triton.jit
+def _causal_logits(s, cols, rows, group, block_len, key_start):
+    """Hide from each query row the slots whose group ends (last real token) past it."""
+    last = key_start + tl.minimum((cols + 1) * group, block_len) - 1
+    return tl.where(last[None, :] <= rows[:, None], s, float("-inf"))
+
+
+@triton.jit
 def _split_query_pid(pid, H, NQB):
     """Program id over B * H * NQB -> (b, h, query block), in int64 so offsets cannot wrap.
 
@@ -130,12 +140,13 @@ def _fwd_kernel(
     Q, K, V, BIAS, OUT, LSE, IDX, LVL, LOFF, sq, sk, sv, so, sb, si,
     H, NQ, NK, BQ, BK, NQB, TOPK, D, DV, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b, h, qb = _split_query_pid(tl.program_id(0), H, NQB)
     rows_in = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = qb * BQ + rows_in
     row_ok = (rows_in < BQ) & (rows < NQ)
+    last_row = qb * BQ + tl.minimum((tl.program_id(1) + 1) * BLOCK_M, BQ) - 1
     offs_n, offs_d, offs_dv = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     q = _load_rows(Q + b * sq[0] + h * sq[1], rows, row_ok, offs_d, sq[2], D)
     k_head, v_head, bias_off = K + b * sk[0] + h * sk[1], V + b * sv[0] + h * sv[1], h * sb[0]
@@ -145,7 +156,11 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for t in range(TOPK):
-        base, bias_col, lvl, group, n_slots, block_len = _entry(IDX, LVL, LOFF, row_entries + t * si[3], NK, BK, POOLED)
+        base, bias_col, lvl, group, n_slots, block_len, key_start = _entry(
+            IDX, LVL, LOFF, row_entries + t * si[3], NK, BK, POOLED
+        )
+        if CAUSAL:  # a key block that starts past the tile's last row has nothing this tile sees
+            n_slots = tl.where(key_start <= last_row, n_slots, 0)
         for start in range(0, n_slots, BLOCK_N):
             cols = start + offs_n
             col_ok = cols < n_slots
@@ -154,6 +169,8 @@ def _fwd_kernel(
             s = _extra_logits(
                 s, cols, col_ok, rows_in, row_ok, group, block_len, BIAS, bias_off, bias_col, sb[1], POOLED, HAS_BIAS
             )
+            if CAUSAL:
+                s = _causal_logits(s, cols, rows, group, block_len, key_start)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A bias of -inf can mask a whole row of a tile: keep the exponentials finite (0, not NaN).
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -177,12 +194,13 @@ def _bwd_dq_kernel(
     Q, K, V, BIAS, DO, DQ, LSE, DELTA, IDX, LVL, LOFF, sq, sk, sv, sb, sdo, sdq, si,
     H, NQ, NK, BQ, BK, NQB, TOPK, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b, h, qb = _split_query_pid(tl.program_id(0), H, NQB)
     rows_in = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = qb * BQ + rows_in
     row_ok = (rows_in < BQ) & (rows < NQ)
+    last_row = qb * BQ + tl.minimum((tl.program_id(1) + 1) * BLOCK_M, BQ) - 1
     offs_n, offs_d, offs_dv = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     q = _load_rows(Q + b * sq[0] + h * sq[1], rows, row_ok, offs_d, sq[2], D)
     do = _load_rows(DO + b * sdo[0] + h * sdo[1], rows, row_ok, offs_dv, sdo[2], DV)
@@ -193,7 +211,11 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(TOPK):
-        base, bias_col, lvl, group, n_slots, block_len = _entry(IDX, LVL, LOFF, row_entries + t * si[3], NK, BK, POOLED)
+        base, bias_col, lvl, group, n_slots, block_len, key_start = _entry(
+            IDX, LVL, LOFF, row_entries + t * si[3], NK, BK, POOLED
+        )
+        if CAUSAL:  # a key block that starts past the tile's last row has nothing this tile sees
+            n_slots = tl.where(key_start <= last_row, n_slots, 0)
         for start in range(0, n_slots, BLOCK_N):
             cols = start + offs_n
             col_ok = cols < n_slots
@@ -203,6 +225,8 @@ def _bwd_dq_kernel(
             s = _extra_logits(
                 s, cols, col_ok, rows_in, row_ok, group, block_len, BIAS, bias_off, bias_col, sb[1], POOLED, HAS_BIAS
             )
+            if CAUSAL:
+                s = _causal_logits(s, cols, rows, group, block_len, key_start)
             p = tl.exp2(s - lse[:, None])  # masked slots have s = -inf, rows without keys lse = +inf: p = 0
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -216,7 +240,8 @@ def _bwd_dkdv_kernel(
     sq, sk, sv, sb, sdo, sdk, sdv, sdb, inv_sb, inv_sh,
     H, NQ, NK, BQ, BK, NKB, NUM_UNITS, NUM_ENTRIES, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     b, h, unit = pid // (H * NUM_UNITS), (pid // NUM_UNITS) % H, pid % NUM_UNITS
@@ -242,6 +267,7 @@ def _bwd_dkdv_kernel(
         log_count = tl.log2(tl.maximum(count, 1).to(tl.float32))
     else:
         log_count = tl.zeros([BLOCK_N], tl.float32)
+    slot_last = kb * BK + tl.minimum((cols + 1) * group, block_len) - 1  # causal: the group's last real token
     q_head, do_head, bias_off = Q + b * sq[0] + h * sq[1], DO + b * sdo[0] + h * sdo[1], h * sb[0]
 
     # SRC[row, lo:hi] lists the query blocks whose tables name this unit (BOUNDS: offsets per unit).
@@ -273,7 +299,10 @@ def _bwd_dkdv_kernel(
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + log_count[:, None]
             if HAS_BIAS:
                 s_t += bias_t
-            p_t = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+            seen = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                seen = seen & (slot_last[:, None] <= rows[None, :])
+            p_t = tl.where(seen, tl.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -314,7 +343,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _meta(q: torch.Tensor, v: torch.Tensor, pooled: bool, has_bias: bool) -> dict:
+def _meta(q: torch.Tensor, v: torch.Tensor, pooled: bool, has_bias: bool, causal: bool) -> dict:
     # fp32 inputs follow torch's matmul setting: exact by default, tf32 when the user allowed it.
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return {
@@ -322,6 +351,7 @@ def _meta(q: torch.Tensor, v: torch.Tensor, pooled: bool, has_bias: bool) -> dic
         "BLOCK_DV": max(16, triton.next_power_of_2(v.shape[-1])),
         "POOLED": pooled,
         "HAS_BIAS": has_bias,
+        "CAUSAL": causal,
         "PRECISION": precision,
     }
 
@@ -419,6 +449,7 @@ def _bsa_forward_op(
     kv_len: int,
     num_levels: int,
     scale: float,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Lq, Dv), lse (B, H, Lq) fp32 in base 2) from q and the key/value/bias pyramids."""
     q, k_pyr, v_pyr = _unit_last(q), _unit_last(k_pyr), _unit_last(v_pyr)
@@ -430,7 +461,7 @@ def _bsa_forward_op(
     lse = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     index, level = _index_args(q, kv_index, kv_level)
     loff = level_offsets(kv_len, block_k, num_levels, q.device)
-    meta = _meta(q, v_pyr, num_levels > 1, bias_pyr is not None)
+    meta = _meta(q, v_pyr, num_levels > 1, bias_pyr is not None, causal)
     grid = lambda m: (b * h * nqb, triton.cdiv(block_q, m["BLOCK_M"]))
     _launch(
         _fwd_kernel, _fwd_tuned, q.is_cuda, grid,
@@ -442,7 +473,7 @@ def _bsa_forward_op(
 
 
 @_bsa_forward_op.register_fake
-def _(q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, block_q, block_k, kv_len, num_levels, scale):
+def _(q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, block_q, block_k, kv_len, num_levels, scale, causal):
     b, h, nq, _ = q.shape
     return q.new_empty(b, h, nq, v_pyr.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
 
@@ -463,6 +494,7 @@ def _bsa_backward_op(
     kv_len: int,
     num_levels: int,
     scale: float,
+    causal: bool,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk_pyr, dv_pyr, dbias_pyr); dbias_pyr is empty unless `bias_grad`."""
@@ -481,7 +513,7 @@ def _bsa_backward_op(
     dbias = torch.zeros(bias_pyr.shape, device=q.device, dtype=torch.float32) if bias_grad else _dummy(q.device)
     index, level = _index_args(q, kv_index, kv_level)
     loff = level_offsets(kv_len, block_k, num_levels, q.device)
-    meta = _meta(q, v_pyr, num_levels > 1, bias_pyr is not None)
+    meta = _meta(q, v_pyr, num_levels > 1, bias_pyr is not None, causal)
     grid_q = lambda m: (b * h * nqb, triton.cdiv(block_q, m["BLOCK_M"]))
     _launch(
         _bwd_dq_kernel, _bwd_dq_tuned, q.is_cuda, grid_q,
@@ -508,16 +540,18 @@ def _bsa_backward_op(
 
 
 @_bsa_backward_op.register_fake
-def _(dout, q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, out, lse, block_q, block_k, kv_len, num_levels, scale, bg):
+def _(
+    dout, q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, out, lse, block_q, block_k, kv_len, levels, scale, causal, bg
+):
     dbias = torch.empty_like(bias_pyr) if bg else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k_pyr), torch.empty_like(v_pyr), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, block_q, block_k, kv_len, num_levels, scale = inputs
+    q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, block_q, block_k, kv_len, num_levels, scale, causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, out, lse)
-    ctx.args = (block_q, block_k, kv_len, num_levels, scale)
+    ctx.args = (block_q, block_k, kv_len, num_levels, scale, causal)
     ctx.mark_non_differentiable(lse)
 
 
@@ -527,7 +561,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv, dbias = _bsa_backward_op(
         dout, q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, out, lse, *ctx.args, bias_grad
     )
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None, None
 
 
 _bsa_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -544,6 +578,7 @@ def block_sparse_attention_triton(
     block_k: int,
     scale: float,
     num_levels: int = 1,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention with Triton kernels (differentiable in q, k, v and bias).
 
@@ -558,7 +593,8 @@ def block_sparse_attention_triton(
     if kv_level is None and num_levels > 1:
         num_levels = 1
     k_pyr, v_pyr, bias_pyr = build_pyramid(k, v, bias, block_k, num_levels)
+    pyramid = (k_pyr, v_pyr, bias_pyr)
     out, _ = _bsa_forward_op(
-        q, k_pyr, v_pyr, bias_pyr, kv_index, kv_level, block_q, block_k, k.shape[2], num_levels, float(scale)
+        q, *pyramid, kv_index, kv_level, block_q, block_k, k.shape[2], num_levels, float(scale), bool(causal)
     )
     return out

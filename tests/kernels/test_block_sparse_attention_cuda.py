@@ -1,6 +1,6 @@
 """Block-sparse attention on a GPU, every backend (Triton through the autotuned launch, FlexAttention,
-gather): fp32/fp16/bf16, head dims 32/64/128, forward and backward against the fp32 reference. The
-interpreter cannot cover these (its bf16 arithmetic is unreliable, triton-lang/triton#11584, and autotuning
+gather): fp32/fp16/bf16, head dims 32/64/128, causal or not, forward and backward against the fp32 reference.
+The interpreter cannot cover these (its bf16 arithmetic is unreliable, triton-lang/triton#11584, and autotuning
 benchmarks on a device), so they need CUDA."""
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("pooled", [False, True], ids=["level0", "levels"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_matches_reference_on_gpu(backend, dtype, head_dim, pooled):
+def test_matches_reference_on_gpu(backend, causal, dtype, head_dim, pooled):
     torch.manual_seed(0)
     # Ragged lengths; FlexAttention's CUDA kernel tiles blocks of 128 queries by 64 keys.
     b, h, lq, lk = 2, 3, 300, 333
@@ -50,10 +51,10 @@ def test_matches_reference_on_gpu(backend, dtype, head_dim, pooled):
     level = torch.randint(0, 4, index.shape, device="cuda") if pooled else None
     num_levels = 4 if pooled else 1
     inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
-    out = BACKENDS[backend](*inputs[:3], index, level, inputs[3], bq, bk, head_dim**-0.5, num_levels)
+    out = BACKENDS[backend](*inputs[:3], index, level, inputs[3], bq, bk, head_dim**-0.5, num_levels, causal)
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
     expected = block_sparse_attention_reference(
-        *ref_inputs[:3], index, level, ref_inputs[3], bq, bk, head_dim**-0.5, num_levels
+        *ref_inputs[:3], index, level, ref_inputs[3], bq, bk, head_dim**-0.5, num_levels, causal
     )
     assert out.dtype == dtype
     assert _rel(out, expected) < TOL[dtype]
