@@ -18,6 +18,12 @@ Video tokens are reordered before blocking so that a block is a compact space-ti
 a 3-D generalized Hilbert ("Gilbert") curve, as the official code does, or tile by tile; the output is
 put back in the input order.
 
+Causal PSA (video understanding: a language model's prefill over text and video tokens, as the official
+Qwen2.5-VL example does): `plan_levels(..., causal=True)` estimates importance over past keys only, shares each
+level's quota or energy among the key blocks a query block can see, keeps the blocks on the diagonal (which a
+query block sees only in part) and the first key block at full resolution and skips the blocks above it;
+`pyramid_sparse_attention(..., causal=True)` hides every key, and every pooled group, that ends after a query.
+
 `PyramidSparseAttention` is the parameter-free core on (B, heads, L, head_dim) tensors (what a
 diffusers attention processor calls); `VideoSelfAttention` is a self-attention mixer on channels-last
 video (B, T, H, W, C) whose attention is dense SDPA or PSA, switchable without touching its weights.
@@ -47,6 +53,7 @@ __all__ = [
     "assign_levels",
     "attention_density",
     "block_importance",
+    "causal_block_masks",
     "gilbert_curve",
     "plan_levels",
     "pyramid_sparse_attention",
@@ -225,9 +232,11 @@ PSA_PRESETS: dict[str, dict] = {
         similarity_thresholds=(0.7, 0.65, 0.6), reorder="gilbert", tile_size=(2, 8, 8), warmup_steps=15,
     ),
     # Video understanding (causal, text and vision tokens in one sequence): the Qwen2.5-VL example's default,
-    # energy-bounded with blocks of 128 queries and keys, no token reordering.
+    # energy-bounded with blocks of 128 queries and keys, no token reordering; that example always caps pooling
+    # by key similarity (`calc_k_similarity_triton` at 0.75/0.7/0.7), hence use_similarity. Plan it with
+    # `plan_levels(..., causal=True)` (zoo.vlm does).
     "qwen2.5-vl": dict(
-        block_q=128, block_k=128, assignment="threshold", level_bounds=(0.7, 0.8, 0.9, 0.9), use_similarity=False,
+        block_q=128, block_k=128, assignment="threshold", level_bounds=(0.7, 0.8, 0.9, 0.9), use_similarity=True,
         similarity_thresholds=(0.75, 0.7, 0.7), reorder="none", warmup_steps=0,
     ),
 }  # fmt: skip
@@ -245,7 +254,13 @@ def _sample_index(length: int, block: int, stride: int, device: torch.device) ->
 
 @torch.no_grad()
 def block_importance(
-    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, sample_stride: int = 4, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    sample_stride: int = 4,
+    scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Importance of every key block to every query block, from sampled queries and keys.
 
@@ -258,6 +273,8 @@ def block_importance(
         block_q, block_k: block sizes.
         sample_stride: keep every `sample_stride`-th token of a block (block // sample_stride tokens).
         scale: logit scale; defaults to D ** -0.5.
+        causal: a sampled query weighs only the sampled keys at or before it (q and k aligned at their first
+            token): key blocks in a query block's future get importance 0.
 
     Returns:
         (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) float32, rows summing to 1.
@@ -270,6 +287,7 @@ def block_importance(
     mk, nk = ki.shape
     qs = q[:, :, qi.flatten()].view(b, h, mq, nq, d)
     ks = k[:, :, ki.flatten()]
+    key_pos = ki.flatten()
     # Bound the (sampled queries x sampled keys) logits held at once to ~64 Mi elements.
     chunk = max(1, min(mq, 2**26 // max(1, b * h * nq * mk * nk)))
     out = []
@@ -277,6 +295,9 @@ def block_importance(
         part = qs[:, :, s : s + chunk]
         # Scaled in place: the logits are the largest tensor of the plan, and a second copy costs a pass.
         logits = torch.matmul(part.flatten(2, 3), ks.transpose(-1, -2)).float().mul_(scale)
+        if causal:  # every sampled query sees the first key, so each row keeps a finite maximum
+            query_pos = qi[s : s + chunk].flatten()
+            logits.masked_fill_(key_pos > query_pos.unsqueeze(-1), float("-inf"))
         peak = logits.view(b, h, -1, mk, nk).amax(dim=-1)  # (B, H, c * nq, Mk)
         weight = torch.exp(peak - peak.amax(dim=-1, keepdim=True))
         out.append(weight.view(b, h, -1, nq, mk).amax(dim=3))
@@ -285,17 +306,22 @@ def block_importance(
 
 
 @torch.no_grad()
-def assign_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor:
+def assign_levels(importance: torch.Tensor, config: PSAConfig, visible: torch.Tensor | None = None) -> torch.Tensor:
     """Levels in {0, 1, 2, 4, 8} for every (query block, key block) pair from its importance.
 
     Args:
         importance: (B, H, Mq, Mk), rows summing to 1.
         config: `assignment`, `level_bounds`, `min_full_fraction` are read.
+        visible: (Mq, Mk) bool, causal: the key blocks each query block can see. Quotas and the least full
+            fraction are then shares of a row's visible blocks (the official causal `valid_lengths`), and the
+            other blocks get 0.
 
     Returns:
         (B, H, Mq, Mk) uint8. The most important blocks get level 1, then 2, 4, 8; the rest 0.
     """
     mk = importance.shape[-1]
+    if visible is not None:
+        return _assign_levels_causal(importance, config, visible)
     order = torch.argsort(importance, dim=-1, descending=True, stable=True)
     ranks = torch.arange(mk, device=importance.device)
     if config.assignment == "quota":
@@ -322,6 +348,60 @@ def assign_levels(importance: torch.Tensor, config: PSAConfig) -> torch.Tensor:
             ranked = torch.where(span, torch.full_like(ranked, factor), ranked)
             start = end
     return torch.empty_like(ranked).scatter_(-1, order, ranked)
+
+
+def _assign_levels_causal(importance: torch.Tensor, config: PSAConfig, visible: torch.Tensor) -> torch.Tensor:
+    """`assign_levels` over each row's visible key blocks (a count per row instead of Mk)."""
+    mk = importance.shape[-1]
+    # Hidden blocks rank last whatever their importance; ties keep the block order (stable).
+    order = torch.argsort(importance.masked_fill(~visible, -1.0), dim=-1, descending=True, stable=True)
+    ranks = torch.arange(mk, device=importance.device)
+    count = visible.sum(-1, keepdim=True).double()  # (Mq, 1) visible blocks per row
+    ranked = torch.zeros(order.shape, dtype=torch.uint8, device=importance.device)
+    start = torch.zeros_like(count)
+    if config.assignment == "quota":
+        for i, (factor, bound) in enumerate(zip(POOL_FACTORS, config.level_bounds, strict=True)):
+            end = torch.maximum(start, torch.minimum(count, (count * bound + 1e-9).floor()))
+            if i == 0:
+                end = end.clamp(min=1)
+            span = (ranks >= start) & (ranks < end)
+            ranked = torch.where(span, torch.full_like(ranked, factor), ranked)
+            start = end
+    else:
+        sorted_importance = torch.gather(importance.masked_fill(~visible, 0.0), -1, order)
+        energy = torch.cumsum(sorted_importance, dim=-1)
+        energy = energy / energy[..., -1:].clamp_min(1e-30)
+        start = start.long().squeeze(-1).expand(order.shape[:-1])
+        count = count.long().squeeze(-1)
+        for factor, bound in zip(POOL_FACTORS, config.level_bounds, strict=True):
+            within = (energy <= bound + 1e-6).sum(dim=-1)
+            end = torch.where(within > 0, within + 1, start)
+            end = torch.minimum(torch.maximum(end, start), count)
+            if factor == 1:
+                least = (count.double() * config.min_full_fraction).long() + 1
+                end = torch.maximum(end, torch.minimum(least, count))
+            span = (ranks >= start.unsqueeze(-1)) & (ranks < end.unsqueeze(-1))
+            ranked = torch.where(span, torch.full_like(ranked, factor), ranked)
+            start = end
+    levels = torch.empty_like(ranked).scatter_(-1, order, ranked)
+    return levels.masked_fill(~visible, 0)
+
+
+def causal_block_masks(
+    lq: int, lk: int, block_q: int, block_k: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which key blocks each query block sees under causal attention (q and k aligned at their first token).
+
+    Returns:
+        visible: (Mq, Mk) bool, the key block's first token is at or before the query block's last query;
+        whole: (Mq, Mk) bool, its last token is at or before the query block's first query (every query sees
+            all of it). Visible but not whole: the blocks on the diagonal.
+    """
+    first_q = torch.arange(-(-lq // block_q), device=device).unsqueeze(1) * block_q
+    last_q = (first_q + block_q).clamp(max=lq) - 1
+    first_k = torch.arange(-(-lk // block_k), device=device) * block_k
+    last_k = (first_k + block_k).clamp(max=lk) - 1
+    return first_k <= last_q, last_k <= first_q
 
 
 @torch.no_grad()
@@ -351,7 +431,13 @@ def similarity_cap(k: torch.Tensor, block_k: int, thresholds: tuple[float, float
 
 @torch.no_grad()
 def plan_levels(
-    q: torch.Tensor, k: torch.Tensor, config: PSAConfig, full_key_from: int | None = None, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: PSAConfig,
+    full_key_from: int | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    full_query_from: int | None = None,
 ) -> torch.Tensor:
     """Importance, level assignment and the optional similarity constraint, in one call.
 
@@ -361,17 +447,31 @@ def plan_levels(
         full_key_from: key blocks holding tokens at or past this index are kept full for every query
             (text tokens placed after the video, as the official code does for CogVideoX).
         scale: logit scale of the importance estimate.
+        causal: plan for causal attention (q and k aligned at their first token), as the official Qwen2.5-VL
+            example does: importance from past keys only, quotas and energy shared among each query block's
+            visible key blocks, the blocks above the diagonal skipped (0), the blocks on it (seen only in part)
+            and the first key block (the attention sink) kept full (1).
+        full_query_from: query blocks holding queries at or past this index attend to every key block they
+            see at full resolution (the official causal code's dense tail of text tokens).
 
     Returns:
         (B, H, ceil(Lq / block_q), ceil(Lk / block_k)) uint8 levels.
     """
-    importance = block_importance(q, k, config.block_q, config.block_k, config.sample_stride, scale)
-    levels = assign_levels(importance, config)
+    importance = block_importance(q, k, config.block_q, config.block_k, config.sample_stride, scale, causal)
+    visible = whole = None
+    if causal:
+        visible, whole = causal_block_masks(q.shape[2], k.shape[2], config.block_q, config.block_k, q.device)
+    levels = assign_levels(importance, config, visible)
     if config.use_similarity:
         cap = similarity_cap(k, config.block_k, config.similarity_thresholds).unsqueeze(2)
         levels = torch.where(levels > 0, torch.minimum(levels, cap), levels)
     if full_key_from is not None and full_key_from < k.shape[2]:
         levels[..., full_key_from // config.block_k :] = 1
+    if full_query_from is not None and full_query_from < q.shape[2]:
+        levels[..., full_query_from // config.block_q :, :] = 1
+    if causal:
+        levels[..., 0] = 1
+        levels = levels.masked_fill(visible & ~whole, 1).masked_fill(~visible, 0)
     return levels
 
 
@@ -387,6 +487,7 @@ def pyramid_sparse_attention(
     block_q: int,
     block_k: int,
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Each query block attends to every key block at the level `levels` gives the pair (one softmax).
 
@@ -403,6 +504,7 @@ def pyramid_sparse_attention(
         block_q: query tokens per block.
         block_k: key tokens per block.
         scale: logit scale; defaults to D ** -0.5.
+        causal: query i sees key j only if j <= i, a pooled group only once its last token is at or before i.
 
     Returns:
         (B, H, Lq, Dv); zero rows for query blocks that skip every key block.
@@ -438,14 +540,24 @@ def pyramid_sparse_attention(
         num_levels = max(1, int(op_level.max()) + 1)
     kv_index, kv_level = tables_from_level_map(op_level, width)
     return block_sparse_attention(
-        q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=num_levels
-    )
+        q, k, v, kv_index, kv_level, block_q=block_q, block_k=block_k, scale=scale, num_levels=num_levels,
+        causal=causal,
+    )  # fmt: skip
 
 
-def attention_density(levels: torch.Tensor) -> torch.Tensor:
-    """Fraction of dense attention's arithmetic the levels cost: mean of 1/level over pairs, 0 for skipped."""
+def attention_density(levels: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of dense attention's arithmetic the levels cost: mean of 1/level over pairs, 0 for skipped.
+
+    Args:
+        levels: (..., Mq, Mk).
+        visible: (Mq, Mk) bool, causal: the mean runs over the pairs dense causal attention computes (the official
+            causal density, by blocks).
+    """
     lv = levels.float()
-    return torch.where(lv > 0, 1.0 / lv.clamp_min(1), torch.zeros_like(lv)).mean()
+    cost = torch.where(lv > 0, 1.0 / lv.clamp_min(1), torch.zeros_like(lv))
+    if visible is None:
+        return cost.mean()
+    return (cost * visible).sum() / (visible.sum() * (cost.numel() // visible.numel())).clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------- token order
