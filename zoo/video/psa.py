@@ -6,7 +6,8 @@
 
 Supported: diffusers' `WanTransformer3DModel` (Wan 2.1, both experts of Wan 2.2 A14B, Wan 2.2 TI2V-5B),
 `CogVideoXTransformer3DModel` (1.0 and 1.5), `HunyuanVideoTransformer3DModel`, `HunyuanVideo15Transformer3DModel`,
-`LTXVideoTransformer3DModel`, `MochiTransformer3DModel`, and the zoo's `VideoDiT`.
+`LTXVideoTransformer3DModel`, `MochiTransformer3DModel`, and the zoo's `VideoDiT`. A transformers vision-language
+model (Qwen2.5-VL) is handed to `zoo.vlm` (causal PSA in its prefill; the `vlm` extra).
 
 How it works. Each video self-attention module keeps diffusers' own processor, wrapped by a
 `PSAAttnProcessor`: the wrapper runs the original processor (so projections, norms, rotary embeddings, the text
@@ -352,17 +353,29 @@ def _transformers(target) -> list:
     return found
 
 
+def _vlm(target):
+    """zoo.vlm's PSA module for a transformers model (imported only then: transformers is an optional extra)."""
+    if not type(target).__module__.startswith("transformers."):
+        return None
+    from ..vlm import psa
+
+    return psa
+
+
 def enable_psa(target, config: PSAConfig | None = None) -> PSAState:
     """Swap the video self-attention of a transformer (or of every video transformer of a pipeline) for PSA.
 
     Args:
-        target: a supported transformer (`supported_transformers()`), or a diffusers pipeline holding some.
+        target: a supported transformer (`supported_transformers()`), or a diffusers pipeline holding some;
+            a transformers Qwen2.5-VL model goes to `zoo.vlm.enable_psa` (returning its `CausalPSAState`).
         config: the PSA config (official defaults, 15 dense warm-up steps, when None); e.g.
             `PSAConfig.preset("wan2.1-1.3b")`. Calling again replaces the previous config.
 
     Returns:
         The `PSAState` the processors share (step, grid, per-layer densities; `reset()` for a new run).
     """
+    if (vlm := _vlm(target)) is not None:
+        return vlm.enable_psa(target, config)
     if config is not None and not isinstance(config, PSAConfig):
         raise ValueError(f"config must be a PSAConfig, got {type(config).__name__}")
     models = _transformers(target)
@@ -385,6 +398,8 @@ def enable_psa(target, config: PSAConfig | None = None) -> PSAState:
 
 def disable_psa(target) -> None:
     """Put back every processor and remove every hook `enable_psa` added (no-op when PSA is not enabled)."""
+    if (vlm := _vlm(target)) is not None:
+        return vlm.disable_psa(target)
     for model in _transformers(target):
         modules, _ = _spec(model)
         for attn in modules(model):
@@ -404,4 +419,6 @@ def disable_psa(target) -> None:
 
 def psa_state(target) -> PSAState | None:
     """The `PSAState` of a transformer (or a pipeline's first video transformer) PSA is enabled on, else None."""
+    if (vlm := _vlm(target)) is not None:
+        return vlm.psa_state(target)
     return getattr(_transformers(target)[0], _STATE_ATTR, None)
