@@ -83,6 +83,9 @@ def test_default_preset_error_is_bounded():
     psa = _logits(model, inputs)
     density = sum(float(d) for d in state.densities.values()) / LAYERS
     assert 0.5 < density < 0.99
+    shares = torch.stack(list(state.level_shares.values())).mean(0)  # full, 2x, 4x, 8x, skipped
+    torch.testing.assert_close(shares.sum(), torch.tensor(1.0))
+    assert shares[1:4].sum() > 0  # the smooth clip's keys are alike enough to pool some blocks
     assert float((psa - dense).norm() / dense.norm()) < 2e-2
     assert float((psa.argmax(-1) == dense.argmax(-1)).float().mean()) >= 0.99
 

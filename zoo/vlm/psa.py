@@ -70,6 +70,8 @@ class CausalPSAState:
         previous: the language model's attention implementation before `enable_psa` ("sdpa", "eager", ...).
         densities: per decoder layer, the fraction of dense causal attention's arithmetic its last prefill cost
             (0-dim tensors; 1.0 for a call that ran dense).
+        level_shares: per decoder layer, (5,) shares of the (query block, key block) pairs causal attention
+            computes that its last PSA prefill kept full, pooled 2x, 4x, 8x and skipped.
         prefills: decoder-layer calls that ran PSA.
     """
 
@@ -77,6 +79,7 @@ class CausalPSAState:
     dense_tail: int = DENSE_TAIL
     previous: str = "sdpa"
     densities: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    level_shares: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     prefills: int = 0
 
 
@@ -128,7 +131,11 @@ def psa_attention_forward(
     levels = plan_levels(query, key, config, scale=scaling, causal=True, full_query_from=tail_from)
     out = pyramid_sparse_attention(query, key, value, levels, config.block_q, config.block_k, scaling, causal=True)
     visible, _ = causal_block_masks(length, length, config.block_q, config.block_k, query.device)
-    state.densities[getattr(module, "layer_idx", -1)] = attention_density(levels, visible)
+    layer = getattr(module, "layer_idx", -1)
+    state.densities[layer] = attention_density(levels, visible)
+    kept = levels[..., visible]
+    counts = torch.stack([(kept == level).sum() for level in (1, 2, 4, 8, 0)]).float()
+    state.level_shares[layer] = counts / counts.sum()
     state.prefills += 1
     return out.transpose(1, 2).contiguous(), None
 
