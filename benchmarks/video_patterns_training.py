@@ -39,7 +39,8 @@ def _read_losses(path: Path) -> list[float]:
 
 
 def train(attention: str, steps: int, density: float, root: Path) -> dict:
-    from zoo.training.video_cli import main
+    from zoo.training import MovingDigitsData, VideoDiTTask
+    from zoo.training.cli import main as launch
 
     args = [
         f"--config={ROOT / 'configs/video/video_dit_digits.yaml'}",
@@ -58,7 +59,7 @@ def train(attention: str, steps: int, density: float, root: Path) -> dict:
         )
     elif attention != "dense":
         args.append(f"--model.pattern_config={{density: {density}, tile: [1, 2, 2], chunk: [2, 4, 4]}}")
-    main(args)
+    launch(VideoDiTTask, MovingDigitsData, args)
     run = root / "lightning_logs" / "version_0"
     losses = _read_losses(run / "metrics.csv")
     summary = json.loads((run / "training_summary.json").read_text())

@@ -3,7 +3,8 @@
 Everything it runs lives in `zoo.training`; `--help` lists the options, `--print_config` the resolved config.
 """
 
+from zoo.training import ImageClassificationData, ImageClassifier
 from zoo.training.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(ImageClassifier, ImageClassificationData)

@@ -3,7 +3,8 @@
 Everything it runs lives in `zoo.training`; `--help` lists the options, `--print_config` the resolved config.
 """
 
-from zoo.training.seg_cli import main
+from zoo.training import SegmentationData, SemanticSegmentation
+from zoo.training.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(SemanticSegmentation, SegmentationData)

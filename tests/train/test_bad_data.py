@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -14,13 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from zoo.training import ImageClassifier
 from zoo.training.checkpointing import AtomicCheckpointIO, ContinuedCSVLogger, remove_stale_temporaries
-from zoo.training.cli import main
+from zoo.training.cli import main as cli_main
 from zoo.training.data import DataError, ImageClassificationData
 from zoo.training.seg_data import SegmentationData
 from zoo.training.video_data import MovingDigitsData
 
 from ._util import TINY, run_launcher
+
+main = partial(cli_main, ImageClassifier, ImageClassificationData)  # train/cls.py
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,12 @@
-"""The launcher (`train/cls.py` = `zoo.training.cli.main`) in-process: config composition, --print_config,
-one-line errors, a short fit with its metrics, checkpoints and a safetensors export timm loads."""
+"""The launcher (`train/cls.py`: `zoo.training.cli.main` over `ImageClassifier`) in-process: config composition,
+--print_config, one-line errors, a short fit with its metrics, checkpoints and a safetensors export timm loads."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from functools import partial
 
 import pytest
 import timm
@@ -14,11 +15,15 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from zoo.training.cli import ClassificationCLI, main
+from zoo.training import ImageClassificationData, ImageClassifier
+from zoo.training.cli import TaskCLI
+from zoo.training.cli import main as cli_main
 
 from ._util import ROOT, TINY, read_metrics
 
 CONFIGS = ROOT / "configs" / "cls"
+main = partial(cli_main, ImageClassifier, ImageClassificationData)  # train/cls.py
+ClassificationCLI = partial(TaskCLI, ImageClassifier, ImageClassificationData)
 TINY_KWARGS = dict(depths=[1, 1, 1, 1], embed_dims=[32, 32, 32, 32])
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
@@ -201,7 +206,7 @@ def test_every_recipe_builds(tmp_path, monkeypatch, name):
     args += ["--model.ema_decay=null", "--model.ema_validate=false"]  # timm's EMA needs real weights
     if not name.endswith("_digits.yaml"):
         args.append(f"--data.root={_image_folder(tmp_path / 'data')}")
-    fine_tune = yaml.safe_load((CONFIGS / name).read_text())["model"].get("pretrained", False)
+    fine_tune = yaml.safe_load((CONFIGS / name).read_text()).get("model", {}).get("pretrained", False)
     if fine_tune:
         args.append("--model.pretrained=false")  # the authors' pre-trained file is not here
     cli = ClassificationCLI(args=args, run=False)
@@ -232,7 +237,7 @@ def test_cswin_l_fine_tuning_slows_all_but_the_new_head(tmp_path):
     args += ["--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]
     cli = ClassificationCLI(args=args, run=False)
     model = cli.model.model
-    groups = cli.model._param_groups()
+    groups = cli.model.optimizer_params()
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert {scale[id(p)] for n, p in model.named_parameters() if n.startswith("head.")} == {1.0}
     assert {scale[id(p)] for n, p in model.named_parameters() if not n.startswith("head.")} == {0.05}

@@ -1,12 +1,13 @@
-"""The segmentation recipe (`train/seg.py` = `zoo.training.seg_cli.main`) in-process: the digits canvases, an
-ADE20K-style tree and its one-line errors, a short fit with metrics.csv, checkpoints, resume and the
-safetensors export, and the recipe files composing."""
+"""The segmentation recipe (`train/seg.py`: `zoo.training.cli.main` over `SemanticSegmentation`) in-process: the
+digits canvases, an ADE20K-style tree and its one-line errors, a short fit with metrics.csv, checkpoints, resume
+and the safetensors export, and the recipe files composing."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,13 +18,21 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from zoo.training.seg_cli import SegmentationCLI, main
-from zoo.training.seg_data import DigitsSegmentation, SegmentationFolder, check_segmentation_folder
-from zoo.training.segmentation import SemanticSegmentationModel
+from zoo.training.cli import TaskCLI
+from zoo.training.cli import main as cli_main
+from zoo.training.seg_data import (
+    DigitsSegmentation,
+    SegmentationData,
+    SegmentationFolder,
+    check_segmentation_folder,
+)
+from zoo.training.segmentation import SemanticSegmentation, SemanticSegmentationModel
 
 from ._util import ROOT, read_metrics
 
 CONFIGS = ROOT / "configs" / "seg"
+main = partial(cli_main, SemanticSegmentation, SegmentationData)  # train/seg.py
+SegmentationCLI = partial(TaskCLI, SemanticSegmentation, SegmentationData)
 TINY_BACKBONE = dict(depths=[1, 1, 1, 1], embed_dims=[32, 32, 32, 32], n_win=4)
 TINY_HEAD = dict(fpn_channels=32, head_channels=32)
 # BiFormer-T's code path at 90 K parameters on 64 x 64 digit canvases: one fit step takes well under a second.

@@ -4,17 +4,22 @@ the hub-style folder the fit exports beside best.safetensors."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from zoo.training.cli import ClassificationCLI, main
+from zoo.training import ImageClassificationData, ImageClassifier
+from zoo.training.cli import TaskCLI
+from zoo.training.cli import main as cli_main
 
 from ._util import TINY, read_metrics, val_rows
 
 RECIPE = "configs/cls/zoo_biformer_t_digits.yaml"
+main = partial(cli_main, ImageClassifier, ImageClassificationData)  # train/cls.py
+ClassificationCLI = partial(TaskCLI, ImageClassifier, ImageClassificationData)
 
 
 def _results(out: str) -> dict:

@@ -1,5 +1,5 @@
-"""The video DiT recipe (`train/video_dit.py` = `zoo.training.video_cli.main`) in-process on a tiny model: the
-moving-digits data, a short fit with PSA (bf16) and its exported diffusers folder, resume, one-line errors,
+"""The video DiT recipe (`train/video_dit.py`: `zoo.training.cli.main` over `VideoDiTTask`) in-process on a tiny
+model: the moving-digits data, a short fit with PSA (bf16) and its exported diffusers folder, resume, one-line errors,
 `python -m zoo.generate`, and the shipped checkpoint (manifest, loading, generation)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,13 +17,15 @@ import yaml
 from PIL import Image
 
 from zoo.generate import main as generate_main
-from zoo.training.video_cli import main
+from zoo.training import VideoDiTTask
+from zoo.training.cli import main as cli_main
 from zoo.training.video_data import MovingDigits, MovingDigitsData, digit_sprites, render_clip
 from zoo.video import VideoDiT, VideoDiTPipeline
 
 from ._util import ROOT, read_metrics
 
 CONFIG = ROOT / "configs" / "video" / "video_dit_digits.yaml"
+main = partial(cli_main, VideoDiTTask, MovingDigitsData)  # train/video_dit.py
 SHIPPED = ROOT / "checkpoints" / "zoo-video-dit-digits"
 # The shipped model's card promises that at least 90% of generated frames show the requested digit (measured
 # 0.924 to 0.943 over 160 frames per digit and three noise seeds, BENCHMARKS.md). The test's 10 clips (one per

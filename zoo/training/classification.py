@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
-import re
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from lightning.pytorch import LightningModule
-from safetensors.torch import save_file
-from timm.data import Mixup
+from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..checkpoint import load_checkpoint_file
+from .task import TrainingTask, export_safetensors, lr_scale_by_pattern
 
 __all__ = ["ImageClassifier", "export_hub_folder", "export_safetensors"]
 
@@ -53,7 +44,7 @@ def _check_ranges(**values: tuple[float | None, str]) -> None:
             raise ValueError(f"model.{name} must lie in {interval}, got {value}")
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(TrainingTask):
     """Single-label image classification with a `timm.create_model` backbone.
 
     Logs `train/loss`, `train/lr`, `val/loss`, `val/acc1`, `val/acc5`. A non-finite training loss raises
@@ -99,6 +90,8 @@ class ImageClassifier(LightningModule):
         ema_warmup: ramp the EMA decay up from 0 (useful for short runs).
         ema_validate: validate, checkpoint-select and export the EMA weights instead of the trained ones.
     """
+
+    monitor: ClassVar[str | None] = "val/acc1"
 
     def __init__(
         self,
@@ -169,10 +162,7 @@ class ImageClassifier(LightningModule):
         )
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.ema: ModelEmaV3 | None = None
-        if ema_decay is not None:
-            self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup)
-            self.ema.requires_grad_(False)  # DDP must not wait for gradients of the copy
+        self.init_ema(ema_decay, ema_warmup)
         self.mixup: Mixup | None = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(
@@ -190,25 +180,10 @@ class ImageClassifier(LightningModule):
         self.val_loss = nn.CrossEntropyLoss()
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        self._seed: int | None = None
-        self._ema_step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> logits (B, num_classes)."""
         return self.model(x)
-
-    def setup(self, stage: str) -> None:
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        self._seed = int(seed) if seed is not None else None
-
-    def on_train_epoch_start(self) -> None:
-        if self._seed is None:
-            return
-        # The training step's own draws (mixup, drop path); the loader's follow (seed, epoch, position).
-        seed = int(np.random.SeedSequence([self._seed, self.current_epoch, self.global_rank]).generate_state(1)[0])
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -217,21 +192,8 @@ class ImageClassifier(LightningModule):
                 raise ValueError(f"mixup needs an even batch per process, got {x.shape[0]}: change data.batch_size")
             x, y = self.mixup(x, y)
         loss = self.train_loss(self.model(x), y)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); lower model.lr or use trainer.gradient_clip_val"
-            )
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_train_loss(loss, x.shape[0], batch_idx)
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer update, also when gradients accumulate over several batches.
-        if self.ema is not None and self.global_step != self._ema_step:
-            self.ema.update(self.model, step=self.global_step)
-            self._ema_step = self.global_step
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -244,93 +206,57 @@ class ImageClassifier(LightningModule):
         self.log("val/acc1", self.val_acc1, prog_bar=True, batch_size=batch_size)
         self.log("val/acc5", self.val_acc5, batch_size=batch_size)
 
-    def configure_optimizers(self) -> dict:
-        h = self.hparams
-        opt_kwargs = {}
-        if h.opt_eps is not None:
-            opt_kwargs["eps"] = h.opt_eps
-        if h.opt_betas is not None:
-            opt_kwargs["betas"] = tuple(h.opt_betas)
-        optimizer = create_optimizer_v2(
-            self._param_groups() if h.lr_scales else self.model,
-            opt=h.opt,
-            lr=h.lr,
-            weight_decay=h.weight_decay,
-            momentum=h.momentum,
-            layer_decay=h.layer_decay,
-            **opt_kwargs,
-        )
-        updates_per_epoch, num_epochs = self._schedule_length()
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=h.sched,
-            num_epochs=num_epochs - h.cooldown_epochs,
-            warmup_epochs=h.warmup_epochs,
-            warmup_lr=h.warmup_lr,
-            min_lr=h.min_lr,
-            cooldown_epochs=h.cooldown_epochs,
-            step_on_epochs=h.step_on_epochs,
-            updates_per_epoch=updates_per_epoch,
-        )
-        interval = "epoch" if h.step_on_epochs else "step"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+    @classmethod
+    def configure_validation(cls, config: Any, data_defaults: dict[str, Any]) -> None:
+        """`validate` evaluates `--model.pretrained_file`; eval transform settings left at their defaults take the
+        model's own cfg, as timm's validate.py does. Edits the parsed `config` (model and data) in place."""
+        model, data = config["model"], config["data"]
+        if model.get("pretrained_file"):
+            model["pretrained"] = True
+        elif not model.get("pretrained"):
+            raise ValueError("validate: give the weights to evaluate with --model.pretrained_file FILE")
+        cfg = _model_data_config(model["model_name"], model.get("model_kwargs"))
+        for key, value in (
+            ("image_size", cfg["input_size"][-1]),
+            ("crop_pct", cfg["crop_pct"]),
+            ("interpolation", cfg["interpolation"]),
+            ("mean", tuple(cfg["mean"])),
+            ("std", tuple(cfg["std"])),
+        ):
+            current, default = data.get(key), data_defaults.get(key)
+            if current == default or (isinstance(current, list) and tuple(current) == default):
+                data[key] = value
 
-    def _param_groups(self) -> list[dict]:
-        """Parameter groups by (weight decay, lr scale), with timm's rule for which parameters decay."""
-        h = self.hparams
-        patterns = [(re.compile(k), float(v)) for k, v in h.lr_scales.items()]
-        skip = set(getattr(self.model, "no_weight_decay", set)())
-        groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
-            scale = next((v for pattern, v in patterns if pattern.search(name)), 1.0)
-            groups.setdefault((decay, scale), []).append(param)
-        return [
-            {"params": params, "weight_decay": h.weight_decay if decay else 0.0, "lr_scale": scale}
-            for (decay, scale), params in groups.items()
-        ]
+    def report_validation(self, metrics: dict[str, Any], weights: str | None) -> dict[str, Any]:
+        """Print timm validate.py's line and a JSON line of top-1/top-5 (%), loss and the eval settings; return them."""
+        data = self.trainer.datamodule
+        results = {
+            "model": self.hparams.model_name,
+            "weights": weights,
+            "top1": round(100 * float(metrics["val/acc1"]), 4),
+            "top5": round(100 * float(metrics["val/acc5"]), 4),
+            "loss": round(float(metrics["val/loss"]), 6),
+            "images": len(data.val_dataset),
+            "img_size": data.hparams.image_size,
+            "crop_pct": data.hparams.crop_pct,
+            "interpolation": data.hparams.interpolation,
+        }
+        print(f" * Acc@1 {results['top1']:.3f} Acc@5 {results['top5']:.3f} loss {results['loss']:.4f}")
+        print(json.dumps(results))
+        return results
 
-    def _schedule_length(self) -> tuple[int, int]:
-        """(optimizer updates per epoch, epochs) of this fit, from the trainer's loaders and limits."""
-        trainer = self.trainer
-        total = trainer.estimated_stepping_batches  # also sizes the train loader
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches) or batches <= 0:
-            return max(int(total), 1), 1
-        per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
-        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.ceil(total / per_epoch)
-        return per_epoch, max(int(epochs), 1)
+    def optimizer_params(self) -> nn.Module | list[dict]:
+        if not self.hparams.lr_scales:
+            return self.model
+        return self.param_groups(lr_scale_by_pattern(self.hparams.lr_scales))
 
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # timm schedulers take the count of updates (or epochs) done; Lightning steps them after it
-        # counted the update, but before it counts the finished epoch.
-        if self.hparams.step_on_epochs:
-            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
-        else:
-            scheduler.step_update(num_updates=self.global_step, metric=metric)
-
-    def on_fit_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
-        if self.trainer.is_global_zero:
-            self._export_best(log_dir)
-        self.trainer.strategy.barrier("export_best")
-
-    def _export_best(self, log_dir: str | None) -> None:
-        callbacks = self.trainer.checkpoint_callbacks
-        monitored = [c for c in callbacks if getattr(c, "monitor", None) == "val/acc1"]
-        callback = (monitored or callbacks or [None])[0]
-        path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
-        if not path or not os.path.isfile(path):
-            return
-        out = os.path.join(log_dir or os.path.dirname(os.path.dirname(path)), "best.safetensors")
-        classes = getattr(self.trainer.datamodule, "classes", None)
-        export_safetensors(path, out, classes=classes)
-        log.info("exported %s weights to %s", path, out)
-        print(f"best model ({os.path.basename(path)}) exported to {out}")
+    def export(self, log_dir: str | None) -> str | None:
+        """`best.safetensors` (the base's), and beside it a hub-style folder `hub/` that timm loads by name."""
+        out = super().export(log_dir)
+        if out is None:
+            return None
         folder = os.path.join(os.path.dirname(out), "hub")
-        score = getattr(callback, "best_model_score", None)
+        score = getattr(self.best_checkpoint()[0], "best_model_score", None)
         metrics = {"val top-1 (%)": round(100 * float(score), 3)} if score is not None else None
         datamodule = self.trainer.datamodule
         data_config = _data_config(datamodule) if hasattr(getattr(datamodule, "hparams", None), "image_size") else None
@@ -339,8 +265,20 @@ class ImageClassifier(LightningModule):
         except (ValueError, TypeError, RuntimeError, OSError) as err:  # best.safetensors stands; say why not the folder
             log.warning("no hub folder written: %s: %s", type(err).__name__, err)
             print(f"no hub folder written ({type(err).__name__}: {err}); {out} holds the weights", file=sys.stderr)
-            return
+            return out
         print(f"and as a hub folder: timm.create_model('local-dir:{folder}', pretrained=True)")
+        return out
+
+
+def _model_data_config(model_name: str, model_kwargs: dict | None) -> dict:
+    # Built on the meta device: only the cfg is needed, not the weights.
+    with torch.device("meta"):
+        model = timm.create_model(model_name, **dict(model_kwargs or {}))
+    config = resolve_data_config({}, model=model)
+    size = getattr(model, "img_size", None)
+    if size:  # a model created at another size (model_kwargs img_size) is evaluated at that size
+        config["input_size"] = (config["input_size"][0], *size)
+    return config
 
 
 def _data_config(datamodule: Any) -> dict:
@@ -389,48 +327,3 @@ def export_hub_folder(
     description = f"`{meta['model_name']}` trained with the zoo's Lightning recipe (`train/cls.py`)."
     save_hub_folder(model, folder, classes, description=description, metrics=metrics, data_config=data_config)
     return os.fspath(folder)
-
-
-def export_safetensors(
-    checkpoint_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    ema: bool | None = None,
-    classes: list[str] | None = None,
-) -> dict[str, str]:
-    """Write the backbone weights of an `ImageClassifier` Lightning checkpoint as safetensors.
-
-    The file holds the timm model's own state dict, so `timm.create_model(name, pretrained=True,
-    pretrained_cfg_overlay=dict(file=output_path, num_classes=N), num_classes=N)` loads it, classifier
-    included (timm drops a classifier whose class count differs from the cfg's, hence `num_classes` in
-    the overlay too).
-
-    Args:
-        checkpoint_path: a `.ckpt` written by Lightning for an `ImageClassifier`.
-        output_path: the `.safetensors` file to write.
-        ema: take the EMA weights; None follows the run's `ema_validate`.
-        classes: class names, stored in the file's metadata.
-
-    Returns:
-        The metadata written: model_name, num_classes, weights ('ema' or 'model'), classes (JSON), epoch.
-    """
-    checkpoint = load_checkpoint_file(checkpoint_path)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if ema is None:
-        ema = bool(hparams.get("ema_validate", False))
-    prefix = "ema.module." if ema else "model."
-    state_dict = {k[len(prefix) :]: v.contiguous() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    if not state_dict:
-        raise KeyError(f"{checkpoint_path} has no weights under {prefix!r} (was the run trained with EMA?)")
-    metadata = {
-        "model_name": str(hparams.get("model_name", "")),
-        "num_classes": str(hparams.get("num_classes", "")),
-        "weights": "ema" if ema else "model",
-        "epoch": str(checkpoint.get("epoch", "")),
-    }
-    if classes is not None:
-        metadata["classes"] = json.dumps(list(classes))
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = f"{output_path}.tmp"
-    save_file(state_dict, tmp, metadata=metadata)
-    os.replace(tmp, output_path)
-    return metadata

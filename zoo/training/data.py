@@ -21,6 +21,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "EpochSampler",
     "ImageClassificationData",
     "SeededAugmentation",
+    "SeededDataModule",
     "check_full_batches",
     "check_image_folder",
     "check_images",
@@ -250,7 +252,106 @@ class SeededAugmentation(Dataset):
             torch.set_rng_state(states[2])
 
 
-class ImageClassificationData(LightningDataModule):
+class SeededDataModule(LightningDataModule):
+    """The loaders every recipe's data module shares, seeded by the run's seed.
+
+    The train loader shards `train_dataset` over the processes with `train_sampler` (torch's
+    `DistributedSampler` by default, shuffled by (seed, epoch)) and keeps full batches only, refusing a split
+    smaller than one batch per process. A `SeededAugmentation` training set is read through an `EpochSampler`,
+    so that each sample's augmentation is a function of (seed, epoch, position). Its hyperparameters
+    (`save_hyperparameters`) hold `batch_size` and, where the subclass has them, `val_batch_size`,
+    `num_workers`, `pin_memory`, `persistent_workers`.
+
+    A subclass builds its datasets in `train_set` (and `val_set`, for a validation loader it defines with
+    `val_loader`); `collate` names a batch collation other than torch's default.
+    """
+
+    # What the error for a split smaller than one batch calls the training samples.
+    train_split_name: ClassVar[str] = "training split"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`seed_everything`, as the CLI sets it), else 0."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def train_set(self) -> Dataset:
+        """The training dataset."""
+        raise NotImplementedError
+
+    def val_set(self) -> Dataset | None:
+        """The validation dataset; None for none."""
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = self.train_set()
+        if self.val_dataset is None and stage in (None, "fit", "validate"):
+            self.val_dataset = self.val_set()
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _lightning_shards(self) -> bool:
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        return bool(getattr(connector, "use_distributed_sampler", True))
+
+    def train_sampler(self, world: int, rank: int) -> Sampler:
+        """This process's share of the training set, in an order fixed by (seed, epoch)."""
+        return DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+
+    def loader_generator(self) -> torch.Generator | None:
+        """The train loader's generator: it takes the worker base-seed draw off the global random state, which the
+        training step's draws use, so when in the epoch the loader is started no longer matters."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def collate(self) -> Callable | None:
+        """The loaders' `collate_fn`; None for torch's default."""
+        return None
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False, generator=None):
+        h = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=h.get("num_workers", 0),
+            pin_memory=h.get("pin_memory", False),
+            persistent_workers=h.get("persistent_workers", False) and h.get("num_workers", 0) > 0,
+            drop_last=drop_last,
+            generator=generator,
+            collate_fn=self.collate(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        world, rank = self._world()
+        sampler = self.train_sampler(world, rank)
+        # Full batches only: timm's batch-mode mixup needs an even batch, and BatchNorm a batch of more than one.
+        check_full_batches(len(sampler), h.batch_size, len(self.train_dataset), world, what=self.train_split_name)
+        if isinstance(self.train_dataset, SeededAugmentation):
+            sampler = EpochSampler(sampler, world, rank)
+        generator = self.loader_generator()
+        return self._loader(self.train_dataset, h.batch_size, sampler, drop_last=True, generator=generator)
+
+    def val_loader(self) -> DataLoader:
+        """The validation loader, for a subclass's `val_dataloader`: `val_dataset` in order, sharded over the
+        processes when Lightning does not shard it (it shards val only when it shards train)."""
+        h = self.hparams
+        sampler = None
+        world, rank = self._world()
+        if world > 1 and not self._lightning_shards():
+            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(self.val_dataset, h.get("val_batch_size") or h.batch_size, sampler=sampler)
+
+
+class ImageClassificationData(SeededDataModule):
     """Train and val loaders for single-label classification, with timm's transforms.
 
     Args:
@@ -321,8 +422,6 @@ class ImageClassificationData(LightningDataModule):
         if root is not None and verify_images:
             check_images([path for split in ("train", "val") for path, _ in self._dataset(split, None).samples])
         self.num_classes = len(self.classes)
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
 
     def transform(self, training: bool) -> Callable:
         """timm's train or eval transform for these settings."""
@@ -365,62 +464,19 @@ class ImageClassificationData(LightningDataModule):
             is_valid_file=lambda p: p.lower().endswith(extensions),
         )
 
-    @property
-    def seed(self) -> int:
-        """The run's seed (`seed_everything`, as the CLI sets it), else 0."""
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    def train_set(self) -> Dataset:
+        return SeededAugmentation(self._dataset("train", None), self.transform(True), self.seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None and stage in (None, "fit"):
-            self.train_dataset = SeededAugmentation(self._dataset("train", None), self.transform(True), self.seed)
-        if self.val_dataset is None and stage in (None, "fit", "validate"):
-            self.val_dataset = self._dataset("val", self.transform(False))
+    def val_set(self) -> Dataset:
+        return self._dataset("val", self.transform(False))
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _lightning_shards(self) -> bool:
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        return bool(getattr(connector, "use_distributed_sampler", True))
-
-    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False, generator=None):
-        h = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=h.num_workers,
-            pin_memory=h.pin_memory,
-            persistent_workers=h.persistent_workers and h.num_workers > 0,
-            drop_last=drop_last,
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        world, rank = self._world()
-        if h.repeated_aug > 1:
-            if world > 1 and self._lightning_shards():
-                raise ValueError("data.repeated_aug shards the data itself: set trainer.use_distributed_sampler: false")
-            inner = RepeatAugSampler(self.train_dataset, num_replicas=world, rank=rank, num_repeats=h.repeated_aug)
-        else:
-            inner = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        # The loader's own generator takes the worker base-seed draw off the global random state, which the
-        # training step's draws use; when in the epoch the loader is started then no longer matters.
-        generator = torch.Generator().manual_seed(self.seed)
-        # Full batches only: timm's batch-mode mixup needs an even batch, and BatchNorm a batch of more than one.
-        check_full_batches(len(inner), h.batch_size, len(self.train_dataset), world)
-        return self._loader(
-            self.train_dataset, h.batch_size, EpochSampler(inner, world, rank), drop_last=True, generator=generator
-        )
+    def train_sampler(self, world: int, rank: int) -> Sampler:
+        if self.hparams.repeated_aug <= 1:
+            return super().train_sampler(world, rank)
+        if world > 1 and self._lightning_shards():
+            raise ValueError("data.repeated_aug shards the data itself: set trainer.use_distributed_sampler: false")
+        repeats = self.hparams.repeated_aug
+        return RepeatAugSampler(self.train_dataset, num_replicas=world, rank=rank, num_repeats=repeats)
 
     def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        sampler = None
-        world, rank = self._world()
-        if world > 1 and not self._lightning_shards():
-            # Lightning shards val only when it shards train; with repeated_aug it does neither.
-            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(self.val_dataset, h.val_batch_size or h.batch_size, sampler=sampler)
+        return self.val_loader()

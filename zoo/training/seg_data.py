@@ -12,7 +12,7 @@ a single-channel PNG of class indices. `reduce_zero_label=True` treats 0 as "not
 shifts 1..N down to 0..N-1, as ADE20K's 150-class benchmark and mmseg's `reduce_zero_label` do; otherwise 0
 is an ordinary class (background).
 
-Training draws reuse the classification recipe's machinery (`EpochSampler`, `SeededAugmentation`): each
+Training draws reuse the classification recipe's machinery (`SeededDataModule`, `SeededAugmentation`): each
 crop, scale and flip is a function of (seed, epoch, position), so a resumed run repeats an uninterrupted one.
 Transforms are torchvision's `transforms.v2`, which move an image and its mask together.
 """
@@ -25,21 +25,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .data import (
-    _IMAGE_ERRORS,
-    DataError,
-    EpochSampler,
-    SeededAugmentation,
-    check_full_batches,
-    image_extensions,
-    load_rgb_image,
-)
+from .data import _IMAGE_ERRORS, DataError, SeededAugmentation, SeededDataModule, image_extensions, load_rgb_image
 
 __all__ = [
     "DigitsSegmentation",
@@ -288,7 +279,7 @@ def collate_segmentation(
     }
 
 
-class SegmentationData(LightningDataModule):
+class SegmentationData(SeededDataModule):
     """Train and val loaders for semantic segmentation.
 
     Training crops are `image_size` squares of images rescaled by a random factor in `scale` (short side
@@ -377,8 +368,6 @@ class SegmentationData(LightningDataModule):
             if len(self.classes) != num_classes:
                 raise ValueError(f"data.classes names {len(self.classes)} classes, data.num_classes is {num_classes}")
         self.num_classes = len(self.classes)
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
 
     def transform(self, training: bool) -> Callable[[Sample], Sample]:
         """The (image, mask) transform of the train or val split."""
@@ -421,48 +410,17 @@ class SegmentationData(LightningDataModule):
             )
         return SegmentationFolder(self.pairs[split], self.num_classes, h.ignore_index, h.reduce_zero_label, transform)
 
-    @property
-    def seed(self) -> int:
-        """The run's seed (`seed_everything`, as the CLI sets it), else 0."""
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    def train_set(self) -> Dataset:
+        return SeededAugmentation(_WithDummyTarget(self._dataset("train", None)), self.transform(True), self.seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None and stage in (None, "fit"):
-            train = _WithDummyTarget(self._dataset("train", None))
-            self.train_dataset = SeededAugmentation(train, self.transform(True), self.seed)
-        if self.val_dataset is None and stage in (None, "fit", "validate"):
-            self.val_dataset = self._dataset("val", self.transform(False))
+    def val_set(self) -> Dataset:
+        return self._dataset("val", self.transform(False))
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False, generator=None):
-        h = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=h.num_workers,
-            pin_memory=h.pin_memory,
-            persistent_workers=h.persistent_workers and h.num_workers > 0,
-            drop_last=drop_last,
-            generator=generator,
-            collate_fn=_Collate(h.ignore_index),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        inner = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        # Full batches only: BatchNorm in the backbones needs more than one sample.
-        sampler = EpochSampler(inner, world, rank)
-        check_full_batches(len(inner), self.hparams.batch_size, len(self.train_dataset), world)
-        return self._loader(self.train_dataset, self.hparams.batch_size, sampler, drop_last=True, generator=generator)
+    def collate(self) -> Callable:
+        return _Collate(self.hparams.ignore_index)
 
     def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return self._loader(self.val_dataset, h.val_batch_size or h.batch_size)
+        return self.val_loader()
 
 
 class _ImageOnly:

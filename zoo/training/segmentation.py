@@ -11,34 +11,27 @@ hierarchical ViTs report on ADE20K: torchvision's `FeaturePyramidNetwork`, then 
 ReLU blocks with 2x upsampling down to the finest stride, summed, and a 1x1 classifier. Training uses pixel
 cross-entropy that skips `ignore_index`; validation reports dataset-level mIoU (torchmetrics'
 `MulticlassJaccardIndex`, classes absent from both prediction and annotation left out, as mmseg does).
-The best weights leave as safetensors through the classification recipe's `export_safetensors`.
+The best weights leave as safetensors (`zoo.training.task.export_safetensors`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchvision.ops import FeaturePyramidNetwork
 
 from ..integrations.dense import DenseBackbone
-from .classification import ImageClassifier, export_safetensors
+from .task import TrainingTask
 
 __all__ = ["SemanticFPNHead", "SemanticSegmentation", "SemanticSegmentationModel"]
-
-log = logging.getLogger(__name__)
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, device=None, dtype=None) -> nn.Sequential:
@@ -163,12 +156,12 @@ class SemanticSegmentationModel(nn.Module):
         return {f"backbone.body.{n}" for n in getattr(self.backbone.body, "no_weight_decay", set)()}
 
 
-class SemanticSegmentation(LightningModule):
+class SemanticSegmentation(TrainingTask):
     """Semantic segmentation of `SemanticSegmentationModel` with pixel cross-entropy.
 
-    Logs `train/loss`, `train/lr`, `val/loss`, `val/miou` and `val/pixel_acc`. Optimizer and schedule are
-    timm's factories, as in the classification recipe, whose epoch reseeding (resumed runs repeat
-    uninterrupted ones) and schedule stepping this task shares.
+    Logs `train/loss`, `train/lr`, `val/loss`, `val/miou` and `val/pixel_acc`. Optimizer, schedule, epoch
+    reseeding (resumed runs repeat uninterrupted ones), the non-finite-loss stop and the export of the best
+    checkpoint (by `val/miou`) as `best.safetensors` are `TrainingTask`'s.
 
     Args:
         model_name: backbone, any registered zoo model (`zoo_biformer_t`, `zoo_cswin_t`, ...).
@@ -191,6 +184,9 @@ class SemanticSegmentation(LightningModule):
         cooldown_epochs: epochs at `min_lr` after the decay.
         step_on_epochs: set the learning rate once per epoch instead of after every update.
     """
+
+    monitor: ClassVar[str | None] = "val/miou"
+    linked: ClassVar[tuple[str, ...]] = ("num_classes", "ignore_index")
 
     def __init__(
         self,
@@ -246,14 +242,6 @@ class SemanticSegmentation(LightningModule):
         )
         self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index)
         self.val_pixel_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index)
-        self._seed: int | None = None
-
-    # Shared with the classification task: they read only `self.trainer`, `self.hparams.step_on_epochs`
-    # and the run's seed.
-    setup = ImageClassifier.setup
-    on_train_epoch_start = ImageClassifier.on_train_epoch_start
-    _schedule_length = ImageClassifier._schedule_length
-    lr_scheduler_step = ImageClassifier.lr_scheduler_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> logits (B, num_classes, H, W)."""
@@ -267,14 +255,7 @@ class SemanticSegmentation(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, mask = batch["image"], batch["mask"]
         loss = self._loss(self.model(x), mask)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); lower model.lr or use trainer.gradient_clip_val"
-            )
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_train_loss(loss, x.shape[0], batch_idx)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -302,65 +283,7 @@ class SemanticSegmentation(LightningModule):
         self.log("val/miou", self.val_miou, prog_bar=True, batch_size=batch_size)
         self.log("val/pixel_acc", self.val_pixel_acc, batch_size=batch_size)
 
-    def _param_groups(self) -> list[dict]:
-        """Groups by (weight decay, lr scale): no decay for norms, biases and `no_weight_decay()`, as timm's
-        optimizer factory decides; the decode head at `head_lr_scale`."""
-        h = self.hparams
-        skip = self.model.no_weight_decay()
-        groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
-            scale = h.head_lr_scale if name.startswith("decode_head.") else 1.0
-            groups.setdefault((decay, scale), []).append(param)
-        return [
-            {"params": params, "weight_decay": h.weight_decay if decay else 0.0, "lr_scale": scale}
-            for (decay, scale), params in groups.items()
-        ]
-
-    def configure_optimizers(self) -> dict:
-        h = self.hparams
-        opt_kwargs = {}
-        if h.opt_eps is not None:
-            opt_kwargs["eps"] = h.opt_eps
-        if h.opt_betas is not None:
-            opt_kwargs["betas"] = tuple(h.opt_betas)
-        optimizer = create_optimizer_v2(
-            self._param_groups(), opt=h.opt, lr=h.lr, weight_decay=h.weight_decay, momentum=h.momentum, **opt_kwargs
-        )
-        updates_per_epoch, num_epochs = self._schedule_length()
-        # timm's schedulers multiply each group's rate by its `lr_scale` at every step.
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=h.sched,
-            num_epochs=num_epochs - h.cooldown_epochs,
-            decay_rate=h.decay_rate,
-            warmup_epochs=h.warmup_epochs,
-            warmup_lr=h.warmup_lr,
-            min_lr=h.min_lr,
-            cooldown_epochs=h.cooldown_epochs,
-            step_on_epochs=h.step_on_epochs,
-            updates_per_epoch=updates_per_epoch,
-        )
-        interval = "epoch" if h.step_on_epochs else "step"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
-
-    def on_fit_end(self) -> None:
-        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
-        if self.trainer.is_global_zero:
-            self._export_best(log_dir)
-        self.trainer.strategy.barrier("export_best")
-
-    def _export_best(self, log_dir: str | None) -> None:
-        callbacks = self.trainer.checkpoint_callbacks
-        monitored = [c for c in callbacks if getattr(c, "monitor", None) == "val/miou"]
-        callback = (monitored or callbacks or [None])[0]
-        path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
-        if not path or not os.path.isfile(path):
-            return
-        out = os.path.join(log_dir or os.path.dirname(os.path.dirname(path)), "best.safetensors")
-        classes = getattr(self.trainer.datamodule, "classes", None)
-        export_safetensors(path, out, ema=False, classes=classes)
-        log.info("exported %s weights to %s", path, out)
-        print(f"best model ({os.path.basename(path)}) exported to {out}")
+    def optimizer_params(self) -> list[dict]:
+        """The decode head at `head_lr_scale`."""
+        scale = self.hparams.head_lr_scale
+        return self.param_groups(lambda name: scale if name.startswith("decode_head.") else 1.0)
