@@ -262,15 +262,18 @@ class SeededDataModule(LightningDataModule):
     (`save_hyperparameters`) hold `batch_size` and, where the subclass has them, `val_batch_size`,
     `num_workers`, `pin_memory`, `persistent_workers`.
 
-    A subclass builds its datasets in `train_set` (and `val_set`, for a validation loader it defines with
-    `val_loader`); `collate` names a batch collation other than torch's default.
+    A subclass passes its `batch_size` to this constructor (which checks it), builds its datasets in `train_set`
+    (and `val_set`, for a validation loader it defines with `val_loader`); `collate` names a batch collation
+    other than torch's default.
     """
 
     # What the error for a split smaller than one batch calls the training samples.
     train_split_name: ClassVar[str] = "training split"
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
@@ -411,9 +414,7 @@ class ImageClassificationData(SeededDataModule):
         persistent_workers: bool = False,
         verify_images: bool = True,
     ):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        super().__init__(batch_size)
         if image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {image_size}")
         self.save_hyperparameters()

@@ -340,9 +340,7 @@ class SegmentationData(SeededDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        super().__init__(batch_size)
         if image_size < 32:
             raise ValueError(f"data.image_size must be >= 32 (the smallest input of the backbones), got {image_size}")
         if not 0 < scale[0] <= scale[1]:

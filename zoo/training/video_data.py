@@ -183,9 +183,7 @@ class MovingDigitsData(SeededDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
     ):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        super().__init__(batch_size)
         if not 0 < digit_size <= frame_size:
             raise ValueError(f"data.digit_size must lie in (0, data.frame_size={frame_size}], got {digit_size}")
         self.save_hyperparameters()
