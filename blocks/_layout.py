@@ -4,8 +4,6 @@ Every tensor here is channels-last, (B, H, W, C). One copy for the whole zoo: ti
 `window_partition` per model file; we keep a single tested one.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

@@ -5,8 +5,6 @@ pass over the 4C-wide hidden map and the residual add. `kernels.fused_pointwise`
 where it may; it takes fc1 and fc2 as modules, so hooks on them and wrapped Linears are honoured.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
@@ -24,6 +22,10 @@ class ResidualMlp(Mlp):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., C_in) -> (..., C_out); plus `residual` (..., C_out) when given."""
+        if torch.jit.is_scripting():
+            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            out = self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+            return out if residual is None else residual + out
         if is_plain(self.act, nn.GELU):
             hidden = linear_gelu(x, self.fc1, self.act.approximate)
         else:

@@ -19,8 +19,6 @@ modules: in CPU inference it applies GELU and the residual adds as oneDNN post-o
 hooked or wrapped layers) it calls the modules.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +56,8 @@ class ConvPosEnc(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The NCHW view of a contiguous channels-last map has channels_last strides: no layout copy.
         x_nchw = x.permute(0, 3, 1, 2)
+        if torch.jit.is_scripting():  # TorchScript cannot hand modules to the fused op
+            return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
         if isinstance(self.act, nn.Identity):
             return conv_add(x_nchw, self.proj, x_nchw).permute(0, 2, 3, 1)
         return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
@@ -98,13 +98,19 @@ class WindowAttention(nn.Module):
         grid = ((h + pad_b) // self.window_size[0], (w + pad_r) // self.window_size[1])
         tokens = self.window_size[0] * self.window_size[1]
         # Cutting windows before the q/k/v projection moves C channels instead of 3C.
-        qkv = linear(window_partition(x, self.window_size), self.qkv)
-        windows = grid[0] * grid[1]  # explicit (not -1): a batch of 0 images reshapes too
-        qkv = qkv.view(b * windows, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        windows = window_partition(x, self.window_size)
+        # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+        qkv = self.qkv(windows) if torch.jit.is_scripting() else linear(windows, self.qkv)
+        n_windows = grid[0] * grid[1]  # explicit (not -1): a batch of 0 images reshapes too
+        qkv = qkv.view(b * n_windows, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        out = window_reverse(out.transpose(1, 2).reshape(b, windows, *self.window_size, c), grid)
-        if pad_b or pad_r:
+        out = out.transpose(1, 2).reshape(b, n_windows, self.window_size[0], self.window_size[1], c)
+        out = window_reverse(out, grid)
+        if pad_b > 0 or pad_r > 0:
             out = out[:, :h, :w]
+        if torch.jit.is_scripting():
+            out = self.proj(out)
+            return out if residual is None else residual + out
         if residual is None:
             return linear(out, self.proj)
         return linear_add(out, self.proj, residual)
@@ -146,6 +152,14 @@ class ChannelAttention(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given."""
         b, h, w, c = x.shape
         n, d = h * w, c // self.num_heads
+        if torch.jit.is_scripting():
+            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            q, k, v = self.qkv(x).view(b, n, 3, c).unbind(2)
+            k = k.view(b, n, self.num_heads, d).permute(0, 2, 3, 1)  # (B, groups, d, N)
+            weights = ((k @ v.view(b, n, self.num_heads, d).transpose(1, 2)) * self.scale).softmax(-1)
+            out = q.view(b, n, self.num_heads, d).transpose(1, 2) @ weights.transpose(-1, -2)  # (B, groups, N, d)
+            out = self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+            return out if residual is None else residual + out
         qkv = linear(x, self.qkv).view(b, n, 3, c)
         if torch.is_grad_enabled():
             # One unbind: its backward stacks the three gradients instead of zero-filling per slice.
@@ -183,8 +197,6 @@ class ChannelAttention(nn.Module):
 class _DualBlock(nn.Module):
     """Shared body of the spatial and channel blocks: CPE, attention residual, CPE, MLP residual."""
 
-    attn: WindowAttention | ChannelAttention
-
     def _build(
         self,
         dim: int,
@@ -208,6 +220,13 @@ class _DualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        if torch.jit.is_scripting():
+            x = self.cpe1(x)
+            x = self.cpe2(x + self.drop_path1(self.attn(self.norm1(x))))
+            if self.mlp is None:
+                return x
+            else:
+                return x + self.drop_path2(self.mlp(self.norm2(x)))
         # Without an active drop-path the residual adds go into the projections.
         fold = not self.training or isinstance(self.drop_path1, nn.Identity)
         x = self.cpe1(x)

@@ -20,8 +20,6 @@ inference it applies GELU, the modulator's product with q and the residual adds 
 otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale
@@ -84,6 +82,20 @@ class FocalModulation(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
         c, levels = self.dim, self.focal_level
+        if torch.jit.is_scripting():
+            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            q, ctx, gates = self.f(x).split([c, c, levels + 1], dim=-1)
+            ctx = ctx.permute(0, 3, 1, 2)
+            ctx_all = torch.zeros_like(q)
+            for level, layer in enumerate(self.focal_layers):
+                ctx = layer(ctx)
+                ctx_all = ctx_all + ctx.permute(0, 2, 3, 1) * gates[..., level : level + 1]
+            ctx_global = self.act(ctx.mean((2, 3), keepdim=True)).permute(0, 2, 3, 1)
+            ctx_all = ctx_all + ctx_global * gates[..., levels:]
+            if self.normalize_modulator:
+                ctx_all = ctx_all / (levels + 1)
+            out = self.proj_drop(self.proj(self.norm(q * self.h(ctx_all))))
+            return out if residual is None else residual + out
         # Fused, q and the context come out contiguous (one GEMM per row block of `f`), so the depthwise
         # convs read the context without a copy and `h` can multiply q in its epilogue.
         q, ctx, gates = linear_split(x, self.f, (c, c, levels + 1))
@@ -168,6 +180,9 @@ class FocalNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        if torch.jit.is_scripting():
+            x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
+            return x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))
         # Without an active drop-path the residual adds go into the projections before them.
         if self._plain and not (self.training and not isinstance(self.drop_path1, nn.Identity)):
             x = self.modulation(self.norm1(x), residual=x)

@@ -22,8 +22,6 @@ modules: in CPU inference it folds the BatchNorms into the convs and applies the
 residual adds as oneDNN post-ops; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
-from __future__ import annotations
-
 from functools import partial
 
 import torch
@@ -87,16 +85,20 @@ class TfSameConv2d(nn.Conv2d):
         Returns:
             x, possibly padded at the bottom/right; weight, possibly with a leading zero row/column; the padding.
         """
-        before, extra = [], []
-        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
+        before: list[int] = []
+        extra: list[int] = []
+        for i in range(2):  # indexed, not zipped: TorchScript iterates over nothing of unknown length
+            size, k, s = x.shape[i - 2], self.kernel_size[i], self.stride[i]
             total = max((-(-size // s) - 1) * s + k - size, 0)
             before.append(total // 2)
             extra.append(total - 2 * (total // 2))
-        if extra[0] or extra[1]:
-            # Exported graphs pad the input instead: the ONNX optimizer folds a padded weight into nothing.
-            if self.groups == self.in_channels and self.groups > 1 and not torch.compiler.is_exporting():
-                weight = F.pad(weight, (extra[1], 0, extra[0], 0))
-                return x, weight, [before[0] + extra[0], before[1] + extra[1]]
+        if extra[0] > 0 or extra[1] > 0:
+            # Exported and scripted graphs pad the input instead: the ONNX optimizer folds a padded weight into
+            # nothing, and TorchScript cannot ask whether it is exporting.
+            if not torch.jit.is_scripting():
+                if self.groups == self.in_channels and self.groups > 1 and not torch.compiler.is_exporting():
+                    weight = F.pad(weight, (extra[1], 0, extra[0], 0))
+                    return x, weight, [before[0] + extra[0], before[1] + extra[1]]
             x = F.pad(x, (0, extra[1], 0, extra[0]))
         return x, weight, before
 
@@ -244,7 +246,7 @@ class PartitionAttention(nn.Module):
         """The attention output before the output projection; x: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         x, pad = pad_to_multiple(x, self.size)
-        size = x.shape[1:3]
+        size = (x.shape[1], x.shape[2])
         # Partition before the q/k/v projection (a per-token op): the layout copy moves C channels, not 3C.
         groups = self.qkv(self._split(x))  # (B, G, p, p, 3C)
         n_groups, tokens = groups.shape[1], self.size[0] * self.size[1]
@@ -265,6 +267,10 @@ class PartitionAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
         out = self.mix(x)
+        if torch.jit.is_scripting():
+            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            out = self.proj_drop(self.proj(out))
+            return out if residual is None else residual + out
         if residual is None:
             return self.proj_drop(self.proj(out))
         if self.training and self.proj_drop.p > 0:  # the dropout sits between the projection and the add
@@ -316,6 +322,9 @@ class PartitionTransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        if torch.jit.is_scripting():
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         if self.training and not isinstance(self.drop_path, nn.Identity):
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -342,6 +351,8 @@ class _Shortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / 2), ceil(W / 2), C)."""
+        if torch.jit.is_scripting():
+            return self.expand(self.pool(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x if isinstance(self.expand, nn.Identity) else pointwise_conv(x, self.expand)
 
@@ -399,6 +410,11 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / s), ceil(W / s), C)."""
+        if torch.jit.is_scripting():
+            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            y = F.gelu(self.norm1(self.conv1_1x1(self.pre_norm(x.permute(0, 3, 1, 2)))), approximate="tanh")
+            y = self.se(F.gelu(self.norm2(self.conv2_kxk(y)), approximate="tanh"))
+            return self.shortcut(x) + self.drop_path(self.conv3_1x1(y).permute(0, 2, 3, 1))
         y = bn_pointwise_conv_bn_gelu(x, self.pre_norm, self.conv1_1x1, self.norm1, "tanh")
         # The NCHW views of the contiguous (B, H, W, C) maps have channels_last strides: no layout copies.
         y = conv_bn_gelu(y.permute(0, 3, 1, 2), self.conv2_kxk, self.norm2, "tanh")

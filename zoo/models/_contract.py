@@ -2,12 +2,11 @@
 key conversion with a strict comparison that names what does not match, the pretrained-cfg fields
 and the builder call, and the timm model contract (`StagedBackbone`)."""
 
-from __future__ import annotations
-
 import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import torch
 import torch.nn as nn
@@ -323,11 +322,19 @@ class StagedBackbone(nn.Module):
     tables) or `prune_intermediate_layers` (a norm inside the head).
     """
 
-    stage_format = "NCHW"
+    stage_format: Final[str] = "NCHW"  # a TorchScript constant: the scripted forward reads the class default
     grad_checkpointing = False
     img_size: tuple[int, int] = (224, 224)
     # Window, grid and stripe sizes derived from the input size are its side divided by this (the final stride).
     partition_ratio = 32
+
+    __jit_unused_properties__ = ["output_fmt"]  # a Python-side label; the scripted model keeps `stage_format`
+
+    @property
+    def output_fmt(self) -> str:
+        """The layout of the stage outputs, which timm's fx, hook and list feature wrappers return as they are
+        (its `features_only=True, feature_cls="fx"` reads this to label them; the default getter returns NCHW)."""
+        return self.stage_format
 
     def _partition_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """The side of a last-stage map of an img_size input: the window/grid/stripe size the authors use there."""
@@ -370,8 +377,18 @@ class StagedBackbone(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        param = next(self.parameters(), None)
-        check_image_input(x, self.in_chans, self.min_input_size, None if param is None else param.dtype)
+        if torch.jit.is_scripting():
+            # TorchScript reads neither the parameters' dtype nor the autocast state: shape and kind are checked.
+            side = self.min_input_size
+            if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] < side or x.shape[3] < side:
+                raise ValueError(
+                    f"expected input of shape (B, {self.in_chans}, H, W) with H, W >= {side}, got {x.shape}"
+                )
+            if not x.is_floating_point():
+                raise TypeError("expected floating-point images (convert with x.float() and normalize)")
+        else:
+            param = next(self.parameters(), None)
+            check_image_input(x, self.in_chans, self.min_input_size, None if param is None else param.dtype)
 
     def _to_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         if fmt == self.stage_format:
@@ -469,7 +486,9 @@ class StagedBackbone(nn.Module):
         """x: (B, C, H, W) -> (B, C4, H / 32, W / 32) after the final norm."""
         self._check_input(x)
         x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if torch.jit.is_scripting():  # TorchScript compiles this branch alone; `grad_checkpointing` is a class default
+            x = self.stages(x)
+        elif self.grad_checkpointing:
             x = checkpoint_seq(self.stages, x)
         else:
             x = self.stages(x)

@@ -12,8 +12,6 @@ Any input size works: as in the official code the stem and every downsampling pa
 to the stride, and the window attention pads to the window and crops back.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from functools import partial
 

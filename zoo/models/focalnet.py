@@ -16,8 +16,6 @@ Like the official model, any input of at least 32 x 32 works: each strided conv 
 columns that do not fill a whole stride, so a side of 200 gives maps of 50, 25, 12, 6.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
 

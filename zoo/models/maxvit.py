@@ -28,8 +28,6 @@ The layout is detected from the keys. Any input of at least 32 x 32 works: stage
 not divide by the window or grid are padded and the padded keys masked (see `blocks.multi_axis`).
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
 from functools import partial
@@ -37,6 +35,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import (
     LayerNorm2d,
     NormMlpClassifierHead,
@@ -77,7 +76,11 @@ class MaxViTStem(nn.Module):
         # the blocks take cost nothing.
         x = x.contiguous(memory_format=torch.channels_last)
         # The official code's GELU is the tanh approximation.
-        return self.conv2(conv_bn_gelu(x, self.conv1, self.norm1, "tanh")).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting():  # TorchScript cannot hand modules to the fused op
+            x = F.gelu(self.norm1(self.conv1(x)), approximate="tanh")
+        else:
+            x = conv_bn_gelu(x, self.conv1, self.norm1, "tanh")
+        return self.conv2(x).permute(0, 2, 3, 1)
 
 
 class MaxViTStage(nn.Module):
