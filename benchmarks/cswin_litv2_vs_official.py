@@ -175,7 +175,8 @@ def _profile_litv2(name: str = "litv2_s", batch: int = 8) -> list[tuple[str, flo
     """Share of LITv2 inference time per part: HiLo's two paths, ConvFFN, token merging, the rest."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from blocks.hilo import ConvFFN, DeformableTokenMerging, HiLoAttention
+    from blocks.hilo import HiLoAttention
+    from zoo.models.litv2 import ConvFFN, DeformableTokenMerging
 
     model = _build(name, "zoo")
 

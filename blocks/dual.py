@@ -3,64 +3,29 @@
 Ding et al., "DaViT: Dual Attention Vision Transformers", ECCV 2022 (arXiv:2204.03645); official
 code: github.com/dingmyu/davit.
 
-A DaViT stage alternates two blocks. The spatial block runs multi-head self-attention inside
-non-overlapping windows (tokens attend to tokens). The channel block runs attention across
-channels within each of `num_heads` channel groups, over all positions at once (channels attend to
-channels), which gives every block a global receptive field at linear cost in the number of
-tokens. Each block adds a 3x3 depthwise convolution (convolutional position encoding) to its input
-before the attention and again before the MLP.
+A DaViT stage alternates two blocks (`zoo.models.davit`). The spatial block's mixer runs multi-head
+self-attention inside non-overlapping windows (tokens attend to tokens). The channel block's runs attention
+across channels within each of `num_heads` channel groups, over all positions at once (channels attend to
+channels), which gives every block a global receptive field at linear cost in the number of tokens.
 
 Everything here is channels-last, (B, H, W, C). Maps whose sides are not multiples of the window
 are zero-padded after the norm and cropped after the attention, as the official code does; the
 padded tokens take part in the attention unmasked, also as there.
 
-The projections and the position-encoding convs run through `kernels.fused_pointwise`, which takes the
-modules: in CPU inference it applies GELU and the residual adds as oneDNN post-ops; otherwise (training,
-hooked or wrapped layers) it calls the modules.
+The projections run through `kernels.fused_pointwise`, which takes the modules: in CPU inference it adds
+the residual as a oneDNN post-op; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, to_2tuple
+from timm.layers import to_2tuple
 
-from kernels.fused_pointwise import conv_add, is_plain, linear, linear_add
+from kernels.fused_pointwise import is_plain, linear, linear_add
 
 from ._layout import pad_to_multiple, window_partition, window_reverse
-from ._mlp import ResidualMlp
 
-__all__ = ["ChannelAttention", "ChannelBlock", "ConvPosEnc", "SpatialBlock", "WindowAttention"]
-
-
-class ConvPosEnc(nn.Module):
-    """Convolutional position encoding: x + act(depthwise_conv(x)); x: (B, H, W, C).
-
-    Args:
-        dim: channels C.
-        kernel_size: depthwise kernel size.
-        act: GELU on the conv output (the Florence-2 variant); off in the DaViT paper.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        kernel_size: int = 3,
-        act: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
-        self.act = nn.GELU() if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The NCHW view of a contiguous channels-last map has channels_last strides: no layout copy.
-        x_nchw = x.permute(0, 3, 1, 2)
-        if torch.jit.is_scripting():  # TorchScript cannot hand modules to the fused op
-            return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
-        if isinstance(self.act, nn.Identity):
-            return conv_add(x_nchw, self.proj, x_nchw).permute(0, 2, 3, 1)
-        return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
+__all__ = ["ChannelAttention", "WindowAttention"]
 
 
 class WindowAttention(nn.Module):
@@ -192,114 +157,3 @@ class ChannelAttention(nn.Module):
         if residual is None:
             return linear(out, self.proj)
         return linear_add(out, self.proj, residual)
-
-
-class _DualBlock(nn.Module):
-    """Shared body of the spatial and channel blocks: CPE, attention residual, CPE, MLP residual."""
-
-    def _build(
-        self,
-        dim: int,
-        mlp_ratio: float,
-        drop_path: float,
-        norm_layer: type[nn.Module],
-        ffn: bool,
-        cpe_act: bool,
-        dd: dict,
-    ) -> None:
-        self.cpe1 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
-        self.norm1 = norm_layer(dim, **dd)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.cpe2 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
-        if ffn:
-            self.norm2 = norm_layer(dim, **dd)
-            self.mlp = ResidualMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
-            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        else:
-            self.norm2 = self.mlp = self.drop_path2 = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
-        if torch.jit.is_scripting():
-            x = self.cpe1(x)
-            x = self.cpe2(x + self.drop_path1(self.attn(self.norm1(x))))
-            if self.mlp is None:
-                return x
-            else:
-                return x + self.drop_path2(self.mlp(self.norm2(x)))
-        # Without an active drop-path the residual adds go into the projections.
-        fold = not self.training or isinstance(self.drop_path1, nn.Identity)
-        x = self.cpe1(x)
-        x = self.attn(self.norm1(x), residual=x) if fold else x + self.drop_path1(self.attn(self.norm1(x)))
-        x = self.cpe2(x)
-        if self.mlp is None:
-            return x
-        return self.mlp(self.norm2(x), residual=x) if fold else x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
-class SpatialBlock(_DualBlock):
-    """DaViT spatial block: CPE, pre-norm window attention, CPE, pre-norm MLP; x: (B, H, W, C).
-
-    Args:
-        dim: channels C.
-        num_heads: attention heads.
-        window_size: attention window side.
-        mlp_ratio: MLP hidden width / channels.
-        qkv_bias: bias of the q/k/v projection.
-        drop_path: stochastic depth of both residual branches.
-        norm_layer: channels-last norm.
-        ffn: keep the MLP (the paper's models do).
-        cpe_act: GELU in the position encodings.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        ffn: bool = True,
-        cpe_act: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, **dd)
-        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)
-
-
-class ChannelBlock(_DualBlock):
-    """DaViT channel block: CPE, pre-norm channel group attention, CPE, pre-norm MLP; x: (B, H, W, C).
-
-    Args:
-        dim: channels C.
-        num_heads: channel groups.
-        mlp_ratio: MLP hidden width / channels.
-        qkv_bias: bias of the q/k/v projection.
-        drop_path: stochastic depth of both residual branches.
-        norm_layer: channels-last norm.
-        ffn: keep the MLP (the paper's models do).
-        cpe_act: GELU in the position encodings.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        ffn: bool = True,
-        cpe_act: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.attn = ChannelAttention(dim, num_heads, qkv_bias=qkv_bias, **dd)
-        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)

@@ -56,6 +56,52 @@ def test_imports_point_down(package):
     assert not {k: v for k, v in offenders.items() if v}, f"upward imports in {package}/"
 
 
+# DESIGN.md: `blocks/` holds token mixers, one per file, with what a mixer needs of its own (its position bias,
+# its config and planner, its token ordering) and the layout helpers mixers share; a family's other layers (its
+# blocks, convolutions, MLPs, downsampling) live in its model file `zoo/models/<family>.py`. The classes each
+# module of blocks/ may define; a module missing here, or a class not listed for it, fails.
+BLOCKS_CLASSES = {
+    "__init__.py": set(),
+    "_layout.py": set(),  # window/grid partition and padding, shared by the windowed mixers
+    "cross_shaped.py": {"CrossShapedWindowAttention"},  # CSWin
+    "dual.py": {"WindowAttention", "ChannelAttention"},  # DaViT's two mixers
+    "focal_modulation.py": {"FocalModulation"},  # FocalNet
+    "hilo.py": {"HiLoAttention"},  # LITv2
+    "multi_axis.py": {"PartitionAttention", "RelativePositionBias2d"},  # MaxViT's block/grid attention, its bias
+    "pyramid_sparse.py": {"PSAConfig", "PyramidSparseAttention", "VideoSelfAttention"},  # PSA, its config
+    "routing.py": {"BiLevelRoutingAttention", "GlobalAttentionLePE"},  # BiFormer's routed and last-stage mixers
+    "sparse_patterns.py": {"BlockPattern"},  # STA, neighborhood, radial and VMoBA patterns
+}
+
+
+def _classes(tree: ast.AST) -> set[str]:
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+
+def _misplaced_classes(name: str, tree: ast.AST) -> set[str]:
+    """Classes a blocks/ module defines (at any depth) that the table does not list for it."""
+    return _classes(tree) - BLOCKS_CLASSES.get(name, set())
+
+
+def test_blocks_define_only_their_mixers():
+    trees = {p.name: ast.parse(p.read_text()) for p in sorted((ROOT / "blocks").glob("*.py"))}
+    assert set(trees) == set(BLOCKS_CLASSES), "a blocks/ module is not in BLOCKS_CLASSES (or is gone)"
+    offenders = {name: sorted(_misplaced_classes(name, tree)) for name, tree in trees.items()}
+    assert not {k: v for k, v in offenders.items() if v}, "family layers belong in zoo/models/<family>.py"
+    missing = {name: sorted(BLOCKS_CLASSES[name] - _classes(tree)) for name, tree in trees.items()}
+    assert not {k: v for k, v in missing.items() if v}, "BLOCKS_CLASSES lists classes that are gone"
+    packages = [p.name for p in (ROOT / "blocks").iterdir() if p.is_dir() and p.name != "__pycache__"]
+    assert not packages, "blocks/ is flat: one module per mixer"
+
+
+def test_the_blocks_check_catches_a_family_block():
+    tree = ast.parse(
+        "import torch.nn as nn\nclass MaxViTBlock(nn.Module):\n    pass\nclass PartitionAttention:\n    pass\n"
+    )
+    assert _misplaced_classes("multi_axis.py", tree) == {"MaxViTBlock"}
+    assert _misplaced_classes("new_mixer.py", tree) == {"MaxViTBlock", "PartitionAttention"}
+
+
 # DESIGN.md: tests and shipped artefacts never import from `benchmarks/` (scripts, not a library); the anchors the
 # tests hold (tests/anchors) are no part of what is installed either.
 NOT_IMPORTED = {

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo  # noqa: F401  (registers the zoo_* models)
+from zoo.models.litv2 import register_deform_conv_flops
 
 
 def model_table(names: list[str]) -> list[dict]:
     """Parameters and multiply-adds at the default input size, counted on the meta device (no memory, no weights)."""
+    register_deform_conv_flops()  # LITv2's deformable token merging, which torch's counter would count as free
     rows = []
     for name in names:
         with torch.device("meta"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from timm.models import davit as timm_davit
 
-from blocks.dual import ChannelAttention, ChannelBlock, SpatialBlock, WindowAttention
+from blocks.dual import ChannelAttention, WindowAttention
+from zoo.models.davit import ChannelBlock, SpatialBlock
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

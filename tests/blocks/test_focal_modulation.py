@@ -9,7 +9,8 @@ import torch
 from timm.layers import LayerNorm2d
 from timm.models import focalnet as timm_focalnet
 
-from blocks.focal_modulation import FocalModulation, FocalNetBlock
+from blocks.focal_modulation import FocalModulation
+from zoo.models.focalnet import FocalNetBlock
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

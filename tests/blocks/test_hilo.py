@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.hilo import ConvFFN, DeformableTokenMerging, HiLoAttention
+from blocks.hilo import HiLoAttention
+from zoo.models.litv2 import ConvFFN, DeformableTokenMerging
 
 
 def _attend(q, k, v, heads, scale):

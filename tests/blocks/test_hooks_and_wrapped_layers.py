@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blocks.dual import ChannelBlock, SpatialBlock
-from blocks.focal_modulation import FocalNetBlock
-from blocks.multi_axis import MaxViTBlock
+from zoo.models.davit import ChannelBlock, SpatialBlock
+from zoo.models.focalnet import FocalNetBlock
+from zoo.models.maxvit import MaxViTBlock
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

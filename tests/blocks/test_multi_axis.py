@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.multi_axis import MaxViTBlock, PartitionAttention, RelativePositionBias2d, TfSameConv2d
+from blocks.multi_axis import PartitionAttention, RelativePositionBias2d
+from zoo.models.maxvit import MaxViTBlock, TfSameConv2d
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

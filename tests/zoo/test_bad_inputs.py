@@ -15,9 +15,9 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers the zoo_* models)
-from blocks.hilo import DeformableTokenMerging
 from tests._subprocess import describe, run_python
 from zoo.integrations import DenseBackbone
+from zoo.models.litv2 import DeformableTokenMerging
 
 # Per family: the smallest widths and depths its layers accept (heads dividing channels, MaxViT's 32-channel
 # heads), overriding the registered size's.
@@ -210,7 +210,7 @@ def test_non_finite_offsets_give_nan_at_their_positions():
     proc = run_python(
         """
         import json, torch
-        from blocks.hilo import DeformableTokenMerging
+        from zoo.models.litv2 import DeformableTokenMerging
         merge = DeformableTokenMerging(4, 6).eval()  # zero offset weights: offsets are 0 * x
         x = torch.randn(1, 8, 8, 4)
         x[0, 2, 5, 1] = float("nan")  # in the 2 x 2 patch of output (1, 2): its offsets are NaN, the others 0

@@ -11,7 +11,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo  # noqa: F401
-from blocks.hilo import DeformableTokenMerging, HiLoAttention
+from blocks.hilo import HiLoAttention
+from tests._subprocess import describe, run_python
+from zoo.models.litv2 import DeformableTokenMerging, register_deform_conv_flops
 
 # size: (embed_dim, depths, heads, parameters of the official model definition, paper GFLOPs at 224).
 # Parameter counts from ziplab/LITv2 classification/models/litv2.py with configs/litv2-{small,medium,base}.yaml.
@@ -86,6 +88,7 @@ def _on_meta(**kwargs) -> torch.nn.Module:
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_parameters_equal_official_and_gflops_match_paper(size):
     _, _, _, params, paper_gflops = SIZES[size]
+    register_deform_conv_flops()
     with torch.device("meta"):
         model = timm.create_model(f"zoo_litv2_{size}").eval()
         with FlopCounterMode(display=False) as counter:
@@ -94,7 +97,7 @@ def test_parameters_equal_official_and_gflops_match_paper(size):
     official = official_litv2_shapes(size)
     assert params == sum(torch.Size(s).numel() for k, s in official.items() if "running" not in k and s)
     gmacs = counter.get_total_flops() / 2e9  # multiply-adds, what the paper calls FLOPs
-    # The deformable token merging is counted (blocks.hilo registers a formula for torchvision's op).
+    # The deformable token merging is counted (torch has no formula for torchvision's op: registered above).
     assert counter.get_flop_counts()["Global"][torch.ops.torchvision.deform_conv2d] > 0
     assert abs(gmacs / paper_gflops - 1) < 0.05
 
@@ -198,3 +201,36 @@ def test_logits_equal_the_official_attention_path(model):
     with torch.no_grad():
         ours, official = model(x), anchor(x)
     assert ((ours - official).abs().max() / official.abs().max()).item() <= 1e-5
+
+
+def test_importing_changes_no_flop_formula_and_the_explicit_call_counts_token_merging():
+    # DESIGN.md: importing a module changes no global state. torch's flop registry is global: the formula for
+    # torchvision's deformable conv is registered by `register_deform_conv_flops()`, where FLOPs are counted.
+    proc = run_python(
+        """
+        import pkgutil, importlib
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+        before = dict(flop_registry)
+        import blocks, kernels, zoo, zoo.models.litv2
+        for module in pkgutil.iter_modules(blocks.__path__):
+            importlib.import_module(f"blocks.{module.name}")
+        assert dict(flop_registry) == before, sorted(map(str, set(flop_registry) - set(before)))
+
+        merging = zoo.models.litv2.DeformableTokenMerging(8, 16).eval()
+        x = torch.randn(1, 8, 8, 8)
+        with FlopCounterMode(display=False) as counter:
+            merging(x)
+        assert torch.ops.torchvision.deform_conv2d not in counter.get_flop_counts()["Global"]
+        zoo.models.litv2.register_deform_conv_flops()
+        zoo.models.litv2.register_deform_conv_flops()  # a second call changes nothing
+        with FlopCounterMode(display=False) as counter:
+            merging(x)
+        # As a plain 2x2 stride-2 conv, 8 -> 16 channels, on a 4 x 4 output: 2 * 16 * 8 * 4 * 16 = 16384.
+        print(counter.get_flop_counts()["Global"][torch.ops.torchvision.deform_conv2d])
+        """,
+        timeout=120,
+    )
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.split()[-1] == str(2 * 16 * 8 * 4 * 16)

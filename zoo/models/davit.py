@@ -4,12 +4,18 @@ Ding et al., ECCV 2022 (arXiv:2204.03645); official code and weights: github.com
 
 A 7x7 stride-4 conv stem, then four stages; each stage after the first starts with LayerNorm and a
 2x2 stride-2 conv, and stacks pairs of a spatial (window attention) block and a channel (group
-attention) block from `blocks.dual`. The head pools, normalises and classifies. Sizes and the
+attention) block, whose mixers are `blocks.dual`'s. Each block adds a 3x3 depthwise convolution
+(convolutional position encoding) to its input before the attention and again before the MLP. The head
+pools, normalises and classifies. Sizes and the
 released checkpoints' layout follow the official `timm/models/davit.py` of dingmyu/davit;
 `checkpoint_filter_fn` also takes timm's `davit_*` checkpoints, whose keys are ours.
 
 Any input size works: as in the official code the stem and every downsampling pad the bottom/right
 to the stride, and the window attention pads to the window and crops back.
+
+The blocks are channels-last, (B, H, W, C). Their projections, MLPs and position-encoding convs run through
+`kernels.fused_pointwise`, which takes the modules: in CPU inference it applies GELU and the residual adds as
+oneDNN post-ops; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
 from collections.abc import Sequence
@@ -18,15 +24,159 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, register_notrace_module, to_2tuple
+from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from blocks.dual import ChannelBlock, SpatialBlock, WindowAttention
+from blocks.dual import ChannelAttention, WindowAttention
+from kernels.fused_pointwise import conv_add
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
+from ._mlp import ResidualMlp
 
-__all__ = ["DaVit", "checkpoint_filter_fn"]
+__all__ = ["ChannelBlock", "ConvPosEnc", "DaVit", "SpatialBlock", "checkpoint_filter_fn"]
+
+
+class ConvPosEnc(nn.Module):
+    """Convolutional position encoding: x + act(depthwise_conv(x)); x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        kernel_size: depthwise kernel size.
+        act: GELU on the conv output (the Florence-2 variant); off in the DaViT paper.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 3,
+        act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
+        self.act = nn.GELU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The NCHW view of a contiguous channels-last map has channels_last strides: no layout copy.
+        x_nchw = x.permute(0, 3, 1, 2)
+        if torch.jit.is_scripting():  # TorchScript cannot hand modules to the fused op
+            return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
+        if isinstance(self.act, nn.Identity):
+            return conv_add(x_nchw, self.proj, x_nchw).permute(0, 2, 3, 1)
+        return x + self.act(self.proj(x_nchw)).permute(0, 2, 3, 1)
+
+
+class _DualBlock(nn.Module):
+    """Shared body of the spatial and channel blocks: CPE, attention residual, CPE, MLP residual."""
+
+    def _build(
+        self,
+        dim: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_layer: type[nn.Module],
+        ffn: bool,
+        cpe_act: bool,
+        dd: dict,
+    ) -> None:
+        self.cpe1 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
+        self.norm1 = norm_layer(dim, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.cpe2 = ConvPosEnc(dim, 3, act=cpe_act, **dd)
+        if ffn:
+            self.norm2 = norm_layer(dim, **dd)
+            self.mlp = ResidualMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
+            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        else:
+            self.norm2 = self.mlp = self.drop_path2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if torch.jit.is_scripting():
+            x = self.cpe1(x)
+            x = self.cpe2(x + self.drop_path1(self.attn(self.norm1(x))))
+            if self.mlp is None:
+                return x
+            else:
+                return x + self.drop_path2(self.mlp(self.norm2(x)))
+        # Without an active drop-path the residual adds go into the projections.
+        fold = not self.training or isinstance(self.drop_path1, nn.Identity)
+        x = self.cpe1(x)
+        x = self.attn(self.norm1(x), residual=x) if fold else x + self.drop_path1(self.attn(self.norm1(x)))
+        x = self.cpe2(x)
+        if self.mlp is None:
+            return x
+        return self.mlp(self.norm2(x), residual=x) if fold else x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class SpatialBlock(_DualBlock):
+    """DaViT spatial block: CPE, pre-norm window attention, CPE, pre-norm MLP; x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads.
+        window_size: attention window side.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias of the q/k/v projection.
+        drop_path: stochastic depth of both residual branches.
+        norm_layer: channels-last norm.
+        ffn: keep the MLP (the paper's models do).
+        cpe_act: GELU in the position encodings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ffn: bool = True,
+        cpe_act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, **dd)
+        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)
+
+
+class ChannelBlock(_DualBlock):
+    """DaViT channel block: CPE, pre-norm channel group attention, CPE, pre-norm MLP; x: (B, H, W, C).
+
+    Args:
+        dim: channels C.
+        num_heads: channel groups.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias of the q/k/v projection.
+        drop_path: stochastic depth of both residual branches.
+        norm_layer: channels-last norm.
+        ffn: keep the MLP (the paper's models do).
+        cpe_act: GELU in the position encodings.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ffn: bool = True,
+        cpe_act: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.attn = ChannelAttention(dim, num_heads, qkv_bias=qkv_bias, **dd)
+        self._build(dim, mlp_ratio, drop_path, norm_layer, ffn, cpe_act, dd)
 
 
 class DaVitStem(nn.Module):

@@ -3,11 +3,11 @@
 Yang et al., NeurIPS 2022 (arXiv:2203.11926); official code and weights: github.com/microsoft/FocalNet.
 
 A strided-conv patch stem (4x4 stride 4, or 7x7 with `use_overlap_down`), then four stages of
-`blocks.focal_modulation.FocalNetBlock`; each stage after the first starts with a 2x2 stride-2 conv
-(3x3 with `use_overlap_down`) and LayerNorm. A final LayerNorm, average pooling and a linear layer
-classify. The registered sizes are the paper's ImageNet-1k models with small (focal levels 2,
-kernels 3, 5) and large (levels 3, kernels 3, 5, 7) receptive fields; the post-norm, layer-scale and
-overlapping-stem options of the official large models are arguments of `FocalNet`.
+`FocalNetBlock` (the focal modulation of `blocks.focal_modulation`, an MLP); each stage after the first
+starts with a 2x2 stride-2 conv (3x3 with `use_overlap_down`) and LayerNorm. A final LayerNorm, average
+pooling and a linear layer classify. The registered sizes are the paper's ImageNet-1k models with small
+(focal levels 2, kernels 3, 5) and large (levels 3, kernels 3, 5, 7) receptive fields; the post-norm,
+layer-scale and overlapping-stem options of the official large models are arguments of `FocalNet`.
 
 `checkpoint_filter_fn` takes the official release checkpoints (`classification/focalnet.py` layout)
 and timm's `focalnet_*` ones (NCHW, 1x1 convs where we use linears), told apart by their keys.
@@ -21,14 +21,91 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, register_notrace_module, to_2tuple
+from timm.layers import ClassifierHead, DropPath, LayerScale, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.focal_modulation import FocalNetBlock
+from blocks.focal_modulation import FocalModulation
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
+from ._mlp import ResidualMlp
 
-__all__ = ["FocalNet", "checkpoint_filter_fn"]
+__all__ = ["FocalNet", "FocalNetBlock", "checkpoint_filter_fn"]
+
+
+class FocalNetBlock(nn.Module):
+    """Focal modulation and MLP residuals on a channels-last map.
+
+    Pre-norm by default; with `use_post_norm` the norms move after the modulation and the MLP, as in
+    the official large models (`use_postln`). `layerscale_value` enables per-channel layer scale
+    (`use_layerscale`), initialised to that value.
+
+    Args:
+        dim: channels C.
+        focal_level: context levels of the modulation.
+        focal_window: first kernel size of the modulation.
+        mlp_ratio: MLP hidden width / channels.
+        use_post_norm: norm after each branch instead of before it.
+        use_post_norm_in_modulation: LayerNorm inside the modulation, before its projection.
+        normalize_modulator: divide the aggregated context by `focal_level + 1`.
+        layerscale_value: initial layer-scale value; None disables layer scale.
+        proj_drop: dropout in the modulation projection and the MLP.
+        drop_path: stochastic depth of both branches.
+        norm_layer: channels-last norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        focal_level: int = 2,
+        focal_window: int = 3,
+        mlp_ratio: float = 4.0,
+        use_post_norm: bool = False,
+        use_post_norm_in_modulation: bool = False,
+        normalize_modulator: bool = False,
+        layerscale_value: float | None = None,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.Identity() if use_post_norm else norm_layer(dim, **dd)
+        self.modulation = FocalModulation(
+            dim,
+            focal_level=focal_level,
+            focal_window=focal_window,
+            use_post_norm=use_post_norm_in_modulation,
+            normalize_modulator=normalize_modulator,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **dd,
+        )
+        self.norm1_post = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
+        self.ls1 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.Identity() if use_post_norm else norm_layer(dim, **dd)
+        self.mlp = ResidualMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.norm2_post = norm_layer(dim, **dd) if use_post_norm else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale_value, **dd) if layerscale_value is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # The plain pre-norm block can add each residual inside the preceding projection.
+        self._plain = not use_post_norm and layerscale_value is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if torch.jit.is_scripting():
+            x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
+            return x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))
+        # Without an active drop-path the residual adds go into the projections before them.
+        if self._plain and not (self.training and not isinstance(self.drop_path1, nn.Identity)):
+            x = self.modulation(self.norm1(x), residual=x)
+        else:
+            x = x + self.drop_path1(self.ls1(self.norm1_post(self.modulation(self.norm1(x)))))
+        if self._plain and not (self.training and not isinstance(self.drop_path2, nn.Identity)):
+            return self.mlp(self.norm2(x), residual=x)
+        return x + self.drop_path2(self.ls2(self.norm2_post(self.mlp(self.norm2(x)))))
 
 
 class FocalNetDownsample(nn.Module):

@@ -3,7 +3,8 @@
 Pan, Cai and Zhuang, NeurIPS 2022 (arXiv:2205.13213); official code and weights: github.com/ziplab/LITv2.
 
 A 4 x 4 patch-embedding conv with LayerNorm, four stages joined by deformable token merging (2 x 2
-stride-2 deformable conv, BatchNorm, GELU). The first two stages have no attention: their blocks are a
+stride-2 deformable conv, BatchNorm, GELU; from LITv1: Pan et al., "Less is More: Pay Less Attention in Vision
+Transformers", AAAI 2022, arXiv:2105.14217). The first two stages have no attention: their blocks are a
 pre-norm ConvFFN only. The last two use pre-norm HiLo attention (window 2 in stage 3; window 1, i.e.
 plain multi-head attention, in stage 4) and the ConvFFN. A final LayerNorm, average pooling and a
 linear classifier. Sizes and the layout of the released checkpoints follow the official
@@ -18,11 +19,16 @@ Precision and bad values: torchvision's deformable convolution has kernels for f
 bf16/fp16 (a bf16 model, CPU or CUDA autocast) the token merging computes that one op in float32 and casts its
 output back; everything else runs in the model's or autocast's dtype. NaN or Inf pixels make that image's
 outputs NaN, as in any network; they never reach torchvision's kernel as sampling offsets (which crashed the
-process): see `blocks.hilo.DeformableTokenMerging`.
+process): see `DeformableTokenMerging`.
+
+FLOPs: torch's `FlopCounterMode` has no formula for torchvision's deformable convolution and counts the token
+merging as free; `register_deform_conv_flops()` gives it one (a plain convolution's count), once, where FLOPs
+are counted. Importing this module changes nothing in torch.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -30,13 +36,133 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+from torchvision.ops import deform_conv2d
 
 from blocks._layout import pad_to_multiple
-from blocks.hilo import ConvFFN, DeformableTokenMerging, HiLoAttention
+from blocks.hilo import HiLoAttention
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 
-__all__ = ["LITv2", "checkpoint_filter_fn"]
+__all__ = ["ConvFFN", "DeformableTokenMerging", "LITv2", "checkpoint_filter_fn", "register_deform_conv_flops"]
+
+
+def _deform_conv2d_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # Bilinear sampling aside, a deformable conv multiplies and adds as often as a plain conv of its shape.
+    return conv_flop_count(list(input_shape), list(weight_shape), list(out_shape), transposed=False)
+
+
+def register_deform_conv_flops() -> None:
+    """Give torch's `FlopCounterMode` a formula for torchvision's `deform_conv2d`: a plain conv's count.
+
+    Without it the counter counts LITv2's token merging as free (0.17 of LITv2-S's 3.7 GMACs). Call it before
+    counting; a second call (or a formula registered by someone else) leaves the registry as it is.
+    """
+    if torch.ops.torchvision.deform_conv2d not in flop_registry:  # keyed by the op's overload packet
+        register_flop_formula(torch.ops.torchvision.deform_conv2d)(_deform_conv2d_flops)
+
+
+class ConvFFN(nn.Module):
+    """LITv2's feed-forward: fc1, 3 x 3 depthwise conv, GELU, fc2 on a channels-last map (official `DWMlp`).
+
+    Args:
+        dim: input and output channels C.
+        hidden_dim: hidden channels.
+        drop: dropout after the activation and after fc2.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim, **dd)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
+        # As the official DWMlp: He-normal over the depthwise fan-out, zero bias.
+        nn.init.normal_(self.dwconv.weight, 0.0, math.sqrt(2.0 / 9))
+        nn.init.zeros_(self.dwconv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        x = self.fc1(x)
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class DeformableTokenMerging(nn.Module):
+    """2 x 2 stride-2 deformable convolution, BatchNorm and GELU (official `DTM` with `DeformConv2dPack`).
+
+    A plain conv predicts one (dy, dx) offset per kernel tap from the input; torchvision's
+    `deform_conv2d` samples bilinearly at the shifted taps (zero outside the map), as the DCN kernel
+    of the official code does. Offsets start at zero, so a fresh module is an ordinary strided conv.
+
+    Output size is floor(H / 2) x floor(W / 2), as in the official backbones.
+
+    Two guards around torchvision's kernel, which turns sampling positions into integer indices unchecked
+    (offsets that are not finite, or near 1e20, crash the process):
+
+    - an output position whose predicted offsets are not all finite (NaN or Inf in the input, a diverged
+      run) is NaN, as a plain convolution over such an input would be; its sampling position is undefined.
+    - finite offsets are clamped to +-(max(H, W) + 2) pixels. Every tap shifted that far or further lands
+      outside the map, where bilinear sampling reads zero, so the clamp changes no value and no gradient.
+
+    torchvision's `deform_conv2d` has kernels for float32 and float64 only: in any other dtype (a bf16
+    model, CPU or CUDA autocast) the op alone is computed in float32 and its output cast back to the
+    input's dtype (what torchvision's own CUDA autocast rule does); the offset conv, BatchNorm and GELU run
+    as autocast or the model's dtype decide.
+
+    Args:
+        dim: input channels.
+        out_dim: output channels.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.offset = nn.Conv2d(dim, 2 * 2 * 2, 2, stride=2, **dd)
+        self.weight = nn.Parameter(torch.empty(out_dim, dim, 2, 2, **dd))
+        self.bias = nn.Parameter(torch.empty(out_dim, **dd))
+        self.norm = nn.BatchNorm2d(out_dim, **dd)
+        self.act = nn.GELU()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PyTorch's conv default for the deformable weights, zero offsets (the official init_offset).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -1 / math.sqrt(self.weight[0].numel()), 1 / math.sqrt(self.weight[0].numel()))
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H // 2, W // 2, out_dim)."""
+        if x.shape[1] < 2 or x.shape[2] < 2:
+            raise ValueError(f"DeformableTokenMerging needs a map of at least 2 x 2, got {tuple(x.shape[1:3])}")
+        x = x.permute(0, 3, 1, 2)
+        offset = self.offset(x)
+        undefined = ~torch.isfinite(offset).all(1, keepdim=True)  # (B, 1, H // 2, W // 2)
+        limit = float(max(x.shape[-2:]) + 2)
+        offset = offset.nan_to_num(0.0).clamp(-limit, limit)
+        # All four operands in one dtype the kernel has (autocast leaves the op alone on the CPU, and on CUDA
+        # torchvision's own rule casts to float32 as well).
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        out = deform_conv2d(x.to(compute), offset.to(compute), self.weight.to(compute), self.bias.to(compute), stride=2)
+        out = out.masked_fill(undefined, float("nan")).to(x.dtype)
+        return self.act(self.norm(out)).permute(0, 2, 3, 1)
 
 
 class PatchEmbed(nn.Module):
