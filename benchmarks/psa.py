@@ -53,13 +53,8 @@ def _setup(mode: str):
     import torch
     import torch.nn.functional as F
 
-    from blocks.pyramid_sparse import (
-        PSAConfig,
-        PyramidSparseAttention,
-        plan_levels,
-        pyramid_sparse_attention,
-        video_token_order,
-    )
+    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
+    from blocks.video_order import video_token_order
 
     q, k, v = _qkv(GRID, HEADS, HEAD_DIM)
     psa = PyramidSparseAttention(PSAConfig())

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from kernels import block_sparse_attention, tables_from_level_map
 
-from .pyramid_sparse import video_token_order
+from .video_order import video_token_order
 
 __all__ = [
     "PATTERNS",

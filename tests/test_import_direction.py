@@ -71,6 +71,7 @@ BLOCKS_CLASSES = {
     "pyramid_sparse.py": {"PSAConfig", "PyramidSparseAttention", "VideoSelfAttention"},  # PSA, its config
     "routing.py": {"BiLevelRoutingAttention", "GlobalAttentionLePE"},  # BiFormer's routed and last-stage mixers
     "sparse_patterns.py": {"BlockPattern"},  # STA, neighborhood, radial and VMoBA patterns
+    "video_order.py": set(),  # Gilbert curve and tile order of video tokens, for PSA and the patterns
 }
 
 
