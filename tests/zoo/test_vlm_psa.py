@@ -127,6 +127,7 @@ def test_generate_runs_psa_on_the_prefill_and_decodes_densely(model, prompt):
         same = model.generate(**prompt, max_new_tokens=4, do_sample=False)
         assert state.prefills == LAYERS  # one prefill; the decode steps (one query each) ran dense
         assert torch.equal(same, dense)
+        assert sorted(state.densities) == list(range(LAYERS))  # the prefill's, kept through the decode steps
         sparse = PSAConfig(
             block_q=32, block_k=32, assignment="quota", level_bounds=(0.2, 0.4, 0.6, 0.8), reorder="none",
             warmup_steps=0,
@@ -134,6 +135,7 @@ def test_generate_runs_psa_on_the_prefill_and_decodes_densely(model, prompt):
         state = enable_psa(model, sparse, dense_tail=0)
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
         assert out.shape == dense.shape and state.prefills == LAYERS
+        assert all(float(d) < 1 for d in state.densities.values())  # the sparse prefill's, not the decode steps
     finally:
         disable_psa(model)
 

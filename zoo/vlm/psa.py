@@ -69,7 +69,7 @@ class CausalPSAState:
         dense_tail: the last tokens of a prefill that attend densely.
         previous: the language model's attention implementation before `enable_psa` ("sdpa", "eager", ...).
         densities: per decoder layer, the fraction of dense causal attention's arithmetic its last prefill cost
-            (0-dim tensors; 1.0 for a call that ran dense).
+            (0-dim tensors; 1.0 for a prefill that ran dense, a padded batch say). Decode steps leave it.
         level_shares: per decoder layer, (5,) shares of the (query block, key block) pairs causal attention
             computes that its last PSA prefill kept full, pooled 2x, 4x, 8x and skipped.
         prefills: decoder-layer calls that ran PSA.
@@ -120,7 +120,7 @@ def psa_attention_forward(
         and not (dropout and module.training)
     )
     if not prefill:
-        if state is not None:
+        if state is not None and length > 1:
             state.densities[getattr(module, "layer_idx", -1)] = query.new_ones((), dtype=torch.float32)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
