@@ -103,8 +103,8 @@ def time_interleaved(name: str, batch: int, threads: int, rounds: int, cpu_clock
 
 
 def _attention_only_child(name: str, batch: int, rounds: int, queue) -> None:
-    from blocks.cross_shaped import CrossShapedWindowAttention
-    from blocks.hilo import HiLoAttention
+    from zoo.blocks.cross_shaped import CrossShapedWindowAttention
+    from zoo.blocks.hilo import HiLoAttention
 
     torch.set_num_threads(1)
     model = _build(name, "zoo")
@@ -174,8 +174,8 @@ def check_equal(name: str) -> float:
 def _profile_litv2(name: str = "litv2_s", batch: int = 8) -> list[tuple[str, float]]:
     """Share of LITv2 inference time per part: HiLo's two paths, ConvFFN, token merging, the rest."""
     from torch.profiler import ProfilerActivity, profile, record_function
+    from zoo.blocks.hilo import HiLoAttention
 
-    from blocks.hilo import HiLoAttention
     from zoo.models.litv2 import ConvFFN, DeformableTokenMerging
 
     model = _build(name, "zoo")
@@ -225,7 +225,7 @@ def _best_cpu_seconds(fn, calls: int = 20, warmup: int = 3) -> float:
 
 def _hilo_parts(batch: int = 8, threads: int = 1) -> list[tuple[str, float]]:
     """CPU milliseconds of LITv2-S's stage-3 HiLo (14 x 14 x 384, 12 heads, s = 2, 10 Lo-Fi heads) by part."""
-    from blocks.hilo import HiLoAttention
+    from zoo.blocks.hilo import HiLoAttention
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

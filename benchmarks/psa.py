@@ -52,9 +52,8 @@ def _qkv(grid, heads, head_dim, device="cpu", dtype=None, seed=0, sigma=2.0, tim
 def _setup(mode: str):
     import torch
     import torch.nn.functional as F
-
-    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
-    from blocks.video_order import video_token_order
+    from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
+    from zoo.blocks.video_order import video_token_order
 
     q, k, v = _qkv(GRID, HEADS, HEAD_DIM)
     psa = PyramidSparseAttention(PSAConfig())
@@ -116,8 +115,7 @@ FIELDS = {
 
 def _field_errors() -> dict:
     import torch.nn.functional as F
-
-    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
+    from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
 
     grid = (6, 24, 48)
     out = {}
@@ -133,8 +131,8 @@ def _field_errors() -> dict:
 def _wan_errors() -> dict:
     import torch
     from diffusers import WanTransformer3DModel
+    from zoo.blocks.pyramid_sparse import PSAConfig
 
-    from blocks.pyramid_sparse import PSAConfig
     from zoo.video import disable_psa, enable_psa
 
     torch.manual_seed(0)
@@ -197,8 +195,8 @@ def gpu() -> str:
     import torch
     import torch.nn.functional as F
     from diffusers import WanTransformer3DModel
+    from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
 
-    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
     from zoo.video import disable_psa, enable_psa
 
     def timed(fn, iters=5):

@@ -4,7 +4,7 @@
 
 fp32; the attention rows at batch 1. Rows:
 
-- the block-sparse op (`kernels.block_sparse_attention`, backend `auto` and each PyTorch backend) at 10% of the
+- the block-sparse op (`zoo.kernels.block_sparse_attention`, backend `auto` and each PyTorch backend) at 10% of the
   key blocks (distinct random blocks per query block and head), 8,192 tokens, 4 heads of 64, blocks of 64;
 - Pyramid Sparse Attention with the default `PSAConfig` (blocks 128/64, 10% full, 5% at 2x, 20% at 8x) on
   video grids of 8 x 24 x 32 = 6,144 and 16 x 24 x 32 = 12,288 tokens, 4 heads of 64: the module end to end
@@ -58,7 +58,7 @@ def _random_index(mq: int, mk: int, density: float, seed: int = 0) -> torch.Tens
 
 
 def block_sparse_rows(rounds: int) -> list[tuple]:
-    from kernels import block_sparse_attention
+    from zoo.kernels import block_sparse_attention
 
     length, block = 8192, 64
     q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM) for _ in range(3))
@@ -80,7 +80,7 @@ def block_sparse_rows(rounds: int) -> list[tuple]:
 
 
 def psa_rows(rounds: int) -> list[tuple]:
-    from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
+    from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention, plan_levels, pyramid_sparse_attention
 
     rows = []
     for grid in ((8, 24, 32), (16, 24, 32)):
@@ -160,7 +160,7 @@ def _targets(rows: list[tuple]) -> list[str]:
 
 def _bounds() -> list[str]:
     """What the arithmetic allows the PSA module and the digits recipe, next to the targets they are held to."""
-    from blocks.pyramid_sparse import PSAConfig
+    from zoo.blocks.pyramid_sparse import PSAConfig
 
     c = PSAConfig()
     plan = 1 / c.sample_stride**2  # importance logits of the sampled queries x sampled keys, per dense logit

@@ -2,7 +2,7 @@
 
     flock /tmp/bench.lock python -m benchmarks.video_patterns [--rounds 5] [--no-write]
 
-Patterns (`blocks/sparse_patterns.py`, `blocks/pyramid_sparse.py`), all on `kernels.block_sparse_attention`:
+Patterns (`blocks/sparse_patterns.py`, `blocks/pyramid_sparse.py`), all on `zoo.kernels.block_sparse_attention`:
 PSA (its planner; quota of full-resolution blocks only, so that its density is the target), STA, GNA
 (neighborhoods with a stride) and Radial Attention, each set to the density nearest each target; VMoBA at its
 thresholds 0.1, 0.25 (the authors' default) and 0.5, chunks of 2 x 4 x 4 tokens (1-D/2-D/3-D by layer), its
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
+from zoo.blocks.sparse_patterns import pattern_at_density, vmoba_attention
 
 from benchmarks._harness import alternate, write_section
-from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
-from blocks.sparse_patterns import pattern_at_density, vmoba_attention
 
 TARGETS = (0.1, 0.2, 0.3, 0.5)
 PATTERNS = ("psa", "sta", "neighborhood", "radial")

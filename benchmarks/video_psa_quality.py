@@ -139,7 +139,8 @@ def generate_digits(steps: int | None, config) -> tuple[torch.Tensor, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from blocks.pyramid_sparse import PSAConfig
+    from zoo.blocks.pyramid_sparse import PSAConfig
+
     from tests.zoo._video_models import MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

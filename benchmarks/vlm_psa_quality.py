@@ -36,7 +36,7 @@ NEW_TOKENS = 8
 
 
 def configs():
-    from blocks.pyramid_sparse import PSAConfig
+    from zoo.blocks.pyramid_sparse import PSAConfig
 
     default = PSAConfig.preset("qwen2.5-vl")
     return {

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from kernels.fused_pointwise import is_plain
+from zoo.kernels.fused_pointwise import is_plain
 
 __all__ = ["CrossShapedWindowAttention", "row_stripe_attention"]
 

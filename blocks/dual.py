@@ -12,7 +12,7 @@ Everything here is channels-last, (B, H, W, C). Maps whose sides are not multipl
 are zero-padded after the norm and cropped after the attention, as the official code does; the
 padded tokens take part in the attention unmasked, also as there.
 
-The projections run through `kernels.fused_pointwise`, which takes the modules: in CPU inference it adds
+The projections run through `zoo.kernels.fused_pointwise`, which takes the modules: in CPU inference it adds
 the residual as a oneDNN post-op; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import to_2tuple
-
-from kernels.fused_pointwise import is_plain, linear, linear_add
+from zoo.kernels.fused_pointwise import is_plain, linear, linear_add
 
 from ._layout import pad_to_multiple, window_partition, window_reverse
 
@@ -64,7 +63,7 @@ class WindowAttention(nn.Module):
         tokens = self.window_size[0] * self.window_size[1]
         # Cutting windows before the q/k/v projection moves C channels instead of 3C.
         windows = window_partition(x, self.window_size)
-        # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+        # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
         qkv = self.qkv(windows) if torch.jit.is_scripting() else linear(windows, self.qkv)
         n_windows = grid[0] * grid[1]  # explicit (not -1): a batch of 0 images reshapes too
         qkv = qkv.view(b * n_windows, tokens, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -118,7 +117,7 @@ class ChannelAttention(nn.Module):
         b, h, w, c = x.shape
         n, d = h * w, c // self.num_heads
         if torch.jit.is_scripting():
-            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
             q, k, v = self.qkv(x).view(b, n, 3, c).unbind(2)
             k = k.view(b, n, self.num_heads, d).permute(0, 2, 3, 1)  # (B, groups, d, N)
             weights = ((k @ v.view(b, n, self.num_heads, d).transpose(1, 2)) * self.scale).softmax(-1)

@@ -15,15 +15,14 @@ Everything here is channels-last, (B, H, W, C). The official code's 1x1 convolut
 Linear of the same weights (C, C), and the depthwise convolutions run on the NCHW view of the
 channels-last map, which oneDNN handles without a layout copy.
 
-The projections and convolutions run through `kernels.fused_pointwise`, which takes the modules: in CPU
+The projections and convolutions run through `zoo.kernels.fused_pointwise`, which takes the modules: in CPU
 inference it applies GELU, the modulator's product with q and the residual adds as oneDNN post-ops;
 otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
 import torch
 import torch.nn as nn
-
-from kernels.fused_pointwise import conv_gelu, linear, linear_add, linear_mul, linear_split
+from zoo.kernels.fused_pointwise import conv_gelu, linear, linear_add, linear_mul, linear_split
 
 __all__ = ["FocalModulation"]
 
@@ -80,7 +79,7 @@ class FocalModulation(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
         c, levels = self.dim, self.focal_level
         if torch.jit.is_scripting():
-            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
             q, ctx, gates = self.f(x).split([c, c, levels + 1], dim=-1)
             ctx = ctx.permute(0, 3, 1, 2)
             ctx_all = torch.zeros_like(q)

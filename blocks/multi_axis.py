@@ -15,7 +15,7 @@ Maps whose sides are not multiples of P (or G) are zero-padded on the bottom/rig
 keys are masked out of the softmax, so a real token attends to the real tokens of its window or grid
 cell only; the official model has no padding and requires every stage map to divide by P and G.
 
-The output projection runs through `kernels.fused_pointwise`, which takes the module: in CPU inference it
+The output projection runs through `zoo.kernels.fused_pointwise`, which takes the module: in CPU inference it
 adds the residual as a oneDNN post-op; otherwise (training, hooked or wrapped layers) it calls the module.
 """
 
@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resize_rel_pos_bias_table, to_2tuple
-
-from kernels.fused_pointwise import linear_add
+from zoo.kernels.fused_pointwise import linear_add
 
 from ._layout import grid_partition, grid_reverse, pad_to_multiple, window_partition, window_reverse
 
@@ -191,7 +190,7 @@ class PartitionAttention(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C); plus `residual` (B, H, W, C) when given, added inside the projection."""
         out = self.mix(x)
         if torch.jit.is_scripting():
-            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
             out = self.proj_drop(self.proj(out))
             return out if residual is None else residual + out
         if residual is None:

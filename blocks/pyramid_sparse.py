@@ -9,14 +9,14 @@ of the two blocks, then gives each query block's most important key blocks their
 next ones 2x, 4x or 8x average-pooled keys and values, and skips the rest: by fixed quotas per level
 (`assignment="quota"`, the official `topk` mask mode) or by the cumulative importance each level must
 reach (`assignment="threshold"`, the official `thresholdbound`). An optional similarity constraint
-pools a key block only as far as its keys are alike. The op itself (`kernels.block_sparse_attention`, its
+pools a key block only as far as its keys are alike. The op itself (`zoo.kernels.block_sparse_attention`, its
 levels 0..3 for the factors 1..8) adds
 log(pool factor) to a pooled key's logit, so that it weighs as the tokens it stands for, under one
 softmax.
 
 Video tokens are reordered before blocking so that a block is a compact space-time neighbourhood: along
 a 3-D generalized Hilbert ("Gilbert") curve, as the official code does, or tile by tile
-(`blocks.video_order`); the output is put back in the input order.
+(`zoo.blocks.video_order`); the output is put back in the input order.
 
 Causal PSA (video understanding: a language model's prefill over text and video tokens, as the official
 Qwen2.5-VL example does): `plan_levels(..., causal=True)` estimates importance over past keys only, shares each
@@ -39,8 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from kernels import block_sparse_attention, tables_from_level_map
+from zoo.kernels import block_sparse_attention, tables_from_level_map
 
 from .video_order import REORDERS, video_token_order
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from kernels import block_sparse_attention
-from kernels.fused_pointwise import linear
+from zoo.kernels import block_sparse_attention
+from zoo.kernels.fused_pointwise import linear
 
 from ._layout import pad_to_multiple
 

@@ -4,10 +4,10 @@ neighbourhood, not a strip of one row.
 - "gilbert": along a 3-D generalized Hilbert ("Gilbert") curve, as the official PSA code orders video tokens
   (Li et al., arXiv:2512.04025; github.com/ziplab/Pyramid-Sparse-Attention);
 - "tiles": tile by tile (t, h, w tiles, partial at the far edges), as the tile-granular patterns of
-  `blocks.sparse_patterns` need;
+  `zoo.blocks.sparse_patterns` need;
 - "none": row-major, as the tokens come.
 
-Used by PSA (`blocks.pyramid_sparse`) and the sparse patterns; an order is a permutation, cached per grid.
+Used by PSA (`zoo.blocks.pyramid_sparse`) and the sparse patterns; an order is a permutation, cached per grid.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 - `gather`: gathered slots with fused `scaled_dot_product_attention` (attention ops; everywhere);
 - `masked`: one fused `scaled_dot_product_attention` over all keys under an additive block mask (attention
   ops; everywhere; dense arithmetic, for short sequences);
-- `triton`: the Triton kernels (CUDA, or CPU tensors under `TRITON_INTERPRET=1`, set before `kernels` is
+- `triton`: the Triton kernels (CUDA, or CPU tensors under `TRITON_INTERPRET=1`, set before `zoo.kernels` is
   imported);
 - `auto`: the fastest measured path for the device and grad mode, as each op's dispatch states.
 
@@ -27,7 +27,7 @@ __all__ = ["BACKENDS", "kernel_backend", "needs_grad", "select_backend", "triton
 
 BACKENDS = ("auto", "reference", "torch", "flex", "gather", "masked", "triton")
 _TORCH_FORMS = ("flex", "gather", "masked")
-_log = logging.getLogger("kernels")
+_log = logging.getLogger("zoo.kernels")
 
 
 def kernel_backend() -> str:
@@ -92,7 +92,7 @@ def select_backend(
             raise RuntimeError(f"ZOO_KERNELS=triton but triton is not installed (op {op})")
         if device != "cuda" and not triton_interpreted():
             raise RuntimeError(
-                f"ZOO_KERNELS=triton on {device} tensors needs TRITON_INTERPRET=1 set before `kernels` is imported "
+                f"ZOO_KERNELS=triton on {device} tensors needs TRITON_INTERPRET=1 set before `zoo.kernels` is imported "
                 f"(op {op})"
             )
     if not torch.compiler.is_compiling():  # a logging call inside a compiled region is a graph break

@@ -1,7 +1,7 @@
 """Test-wide setup.
 
 Triton reads TRITON_INTERPRET when `@triton.jit` decorates a kernel, so it is set here,
-before any test module imports `kernels`: the Triton paths then run on CPU tensors.
+before any test module imports `zoo.kernels`: the Triton paths then run on CPU tensors.
 """
 
 import os

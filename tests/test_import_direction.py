@@ -15,22 +15,33 @@ def _imported_roots(path: Path) -> set[str]:
     return _imported_roots_of(ast.parse(path.read_text()))
 
 
+def _layer(module: str) -> str:
+    """The layer a module name belongs to: `zoo.kernels.x` is the kernels layer, `zoo.blocks.x` the blocks layer,
+    any other name its top-level package."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "zoo" and len(parts) > 1 and parts[1] in ("kernels", "blocks") else parts[0]
+
+
 def _imported_roots_of(tree: ast.AST) -> set[str]:
-    """Top-level names a module imports: import statements, and string names given to `importlib.import_module`,
-    `__import__` or `runpy.run_module`."""
-    roots = set()
+    """Layers a module imports (see `_layer`): import statements, and string names given to
+    `importlib.import_module`, `__import__` or `runpy.run_module`."""
+    return {_layer(name) for name in _imported_names_of(tree)}
+
+
+def _imported_names_of(tree: ast.AST) -> set[str]:
+    names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
+            names.add(node.module)
         elif isinstance(node, ast.Call) and _called_name(node) in ("import_module", "__import__", "run_module"):
             first = node.args[0] if node.args else None
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                roots.add(first.value.split(".")[0])
+                names.add(first.value)
             elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
-                roots.add(str(first.values[0].value).split(".")[0])
-    return roots
+                names.add(str(first.values[0].value).rstrip("."))
+    return names
 
 
 def _called_name(call: ast.Call) -> str | None:
@@ -54,6 +65,26 @@ def test_imports_point_down(package):
         for path in (ROOT / package).rglob("*.py")
     }
     assert not {k: v for k, v in offenders.items() if v}, f"upward imports in {package}/"
+
+
+def test_kernels_and_blocks_are_imported_by_their_installed_names():
+    # kernels/ and blocks/ install as zoo.kernels and zoo.blocks (pyproject.toml): a top-level `kernels` is another
+    # distribution's (Hugging Face's), and importing the folder by that name would load a second copy of it.
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            n for n in _imported_names_of(ast.parse(path.read_text())) if n.split(".")[0] in ("kernels", "blocks")
+        )
+        for path in _python_files("kernels", "blocks", "zoo", "train", "tests", "benchmarks")
+    }
+    assert not {k: v for k, v in offenders.items() if v}, "import zoo.kernels / zoo.blocks instead"
+
+
+def test_layers_of_installed_names():
+    tree = ast.parse(
+        "import zoo.kernels.fused_pointwise as fp\nfrom zoo.blocks import routing\nfrom zoo import video\n"
+    )
+    assert _imported_roots_of(tree) == {"kernels", "blocks", "zoo"}
+    assert _imported_names_of(ast.parse("import kernels")) == {"kernels"}
 
 
 # DESIGN.md: `blocks/` holds token mixers, one per file, with what a mixer needs of its own (its position bias,

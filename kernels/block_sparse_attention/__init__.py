@@ -13,7 +13,7 @@ and level tables and call `block_sparse_attention`, which checks its inputs once
 - `triton` (`triton_impl.py`): FlashAttention-style kernels that stream the listed blocks.
 
 `ZOO_KERNELS` forces one (`torch`: the fastest of flex, gather and masked for the call); `auto` takes the measured
-choice (`_backend_for`). Which path ran is logged at debug level on the "kernels" logger.
+choice (`_backend_for`). Which path ran is logged at debug level on the "zoo.kernels" logger.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _backend_for(q, k, v, bias, block_q: int, block_k: int, num_levels: int) -> 
         device = "cuda" if q.is_cuda else q.device.type
         backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled, pairs)
         if not torch.compiler.is_compiling():
-            logging.getLogger("kernels").debug("block_sparse_attention: torch path is %s", backend)
+            logging.getLogger("zoo.kernels").debug("block_sparse_attention: torch path is %s", backend)
     if backend in ("flex", "triton") and q.device.type == "meta":
         # Shapes only (model construction, FLOP counting): neither FlexAttention nor Triton takes meta tensors,
         # and the gather path computes the same shapes (and counts the listed blocks' arithmetic).

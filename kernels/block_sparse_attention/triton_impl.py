@@ -582,7 +582,7 @@ def block_sparse_attention_triton(
 ) -> torch.Tensor:
     """Block-sparse attention with Triton kernels (differentiable in q, k, v and bias).
 
-    Inputs are assumed checked (see `kernels.block_sparse_attention.block_sparse_attention`); indices and
+    Inputs are assumed checked (see `zoo.kernels.block_sparse_attention.block_sparse_attention`); indices and
     levels are not bounds-checked here. Arguments as in `block_sparse_attention_reference`; fp32, fp16 or
     bf16 inputs with fp32 accumulation. With `num_levels == 1`, `kv_level` is ignored.
 

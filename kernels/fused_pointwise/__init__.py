@@ -13,7 +13,7 @@ Each call picks one of three paths, logged at debug level:
   for plain convs where `onednn` is not. The other ops have no such path and take the reference.
 - `reference` (`reference.py`): the module called as it is, then the plain op. Taken for any module that is
   not plain (a LoRA or quantisation wrapper substituted for the Linear, a subclass with its own forward, a
-  hooked module) and whenever the `kernels` switch asks for the reference (`ZOO_KERNELS=reference`).
+  hooked module) and whenever the `zoo.kernels` switch asks for the reference (`ZOO_KERNELS=reference`).
 
 `ZOO_CPU_FUSION=0` turns the `onednn` path off alone (the switch this fusion had before it moved here).
 

@@ -117,8 +117,8 @@ class OfficialHiLo(nn.Module):
 def swap_official_attention(model: nn.Module) -> nn.Module:
     """Replace, in place, every CSWin and HiLo attention module of a zoo model by its official-path anchor over the
     same weights; returns the model."""
-    from blocks.cross_shaped import CrossShapedWindowAttention
-    from blocks.hilo import HiLoAttention
+    from zoo.blocks.cross_shaped import CrossShapedWindowAttention
+    from zoo.blocks.hilo import HiLoAttention
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

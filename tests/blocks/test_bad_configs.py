@@ -9,8 +9,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from blocks.pyramid_sparse import PSAConfig
+from zoo.blocks.pyramid_sparse import PSAConfig
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.cross_shaped import CrossShapedWindowAttention
+from zoo.blocks.cross_shaped import CrossShapedWindowAttention
 
 
 def _reference_branch(q, k, v, win_h, win_w, heads, conv, scale):

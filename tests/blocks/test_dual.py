@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models import davit as timm_davit
+from zoo.blocks.dual import ChannelAttention, WindowAttention
 
-from blocks.dual import ChannelAttention, WindowAttention
 from zoo.models.davit import ChannelBlock, SpatialBlock
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from timm.layers import LayerNorm2d
 from timm.models import focalnet as timm_focalnet
+from zoo.blocks.focal_modulation import FocalModulation
 
-from blocks.focal_modulation import FocalModulation
 from zoo.models.focalnet import FocalNetBlock
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo.blocks.hilo import HiLoAttention
 
-from blocks.hilo import HiLoAttention
 from zoo.models.litv2 import ConvFFN, DeformableTokenMerging
 
 

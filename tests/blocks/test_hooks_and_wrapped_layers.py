@@ -173,7 +173,7 @@ def test_the_one_forward_compiles_to_one_graph(name):
 
 def test_cross_shaped_projection_hooked_or_wrapped_is_called():
     # CSWin's split projection reads the fused qkv weight directly; a hook or a wrapper must still see the call.
-    from blocks.cross_shaped import CrossShapedWindowAttention
+    from zoo.blocks.cross_shaped import CrossShapedWindowAttention
 
     attn = CrossShapedWindowAttention(32, num_heads=4, split_size=2).eval()
     x = torch.randn(2, 8, 8, 32)

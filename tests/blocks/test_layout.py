@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from blocks import grid_partition, grid_reverse, pad_to_multiple, window_partition, window_reverse
+from zoo.blocks import grid_partition, grid_reverse, pad_to_multiple, window_partition, window_reverse
 
 
 def test_window_partition_round_trip_and_order():

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo.blocks.multi_axis import PartitionAttention, RelativePositionBias2d
 
-from blocks.multi_axis import PartitionAttention, RelativePositionBias2d
 from zoo.models.maxvit import MaxViTBlock, TfSameConv2d
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from blocks.pyramid_sparse import PSA_PRESETS, PSAConfig
+from zoo.blocks.pyramid_sparse import PSA_PRESETS, PSAConfig
 
 
 @pytest.mark.parametrize("name", sorted(PSA_PRESETS))

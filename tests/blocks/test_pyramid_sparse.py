@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.pyramid_sparse import (
+from zoo.blocks.pyramid_sparse import (
     PSAConfig,
     PyramidSparseAttention,
     VideoSelfAttention,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.pyramid_sparse import (
+from zoo.blocks.pyramid_sparse import (
     PSAConfig,
     assign_levels,
     attention_density,

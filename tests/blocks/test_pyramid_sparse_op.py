@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.pyramid_sparse import POOL_FACTORS, pyramid_sparse_attention
+from zoo.blocks.pyramid_sparse import POOL_FACTORS, pyramid_sparse_attention
 
 BQ, BK = 8, 16
 LEVELS = (0, *POOL_FACTORS)

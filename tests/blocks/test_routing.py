@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from zoo.blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE, route_regions
 
-from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE, route_regions
 from tests.anchors.biformer_official import official_bra
 
 
@@ -61,7 +61,7 @@ def test_global_attention_lepe_uses_input_for_lepe():
 def test_projection_hooks_are_called_in_inference():
     # The projections run through the fused pointwise ops (oneDNN in CPU inference); a hooked Linear is
     # called as it is, and what the hook returns is what the mixer uses.
-    from blocks.routing import BiLevelRoutingAttention
+    from zoo.blocks.routing import BiLevelRoutingAttention
 
     attn = BiLevelRoutingAttention(32, num_heads=2, n_win=2, topk=2).eval()
     x = torch.randn(1, 8, 8, 32)

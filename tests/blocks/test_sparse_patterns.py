@@ -9,8 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
-from blocks.sparse_patterns import (
+from zoo.blocks.sparse_patterns import (
     neighborhood_pattern,
     pattern_at_density,
     radial_pattern,

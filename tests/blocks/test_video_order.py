@@ -1,4 +1,5 @@
-"""Video token orders (`blocks.video_order`): the Gilbert curve and tile order are permutations with compact blocks."""
+"""Video token orders (`zoo.blocks.video_order`): the Gilbert curve and tile order are permutations with compact
+blocks."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import math
 
 import pytest
 import torch
-
-from blocks.video_order import gilbert_curve, video_token_order
+from zoo.blocks.video_order import gilbert_curve, video_token_order
 
 
 @pytest.mark.parametrize("grid", [(4, 6, 8), (2, 8, 8), (21, 6, 10), (3, 5, 7), (1, 1, 9)])

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import BACKENDS, block_sparse_attention
-from kernels._backend import kernel_backend, select_backend
+from zoo.kernels import BACKENDS, block_sparse_attention
+from zoo.kernels._backend import kernel_backend, select_backend
 
 
 def _call(grad: bool, block: int, blocks: int = 2):
@@ -38,7 +37,7 @@ def _call(grad: bool, block: int, blocks: int = 2):
 @pytest.mark.parametrize("requested", ["auto", "torch"])
 def test_cpu_choice_by_grad_mode_block_size_and_length(requested, grad, block, blocks, expected, monkeypatch, caplog):
     monkeypatch.setenv("ZOO_KERNELS", requested)
-    with caplog.at_level("DEBUG", logger="kernels"), torch.set_grad_enabled(grad):
+    with caplog.at_level("DEBUG", logger="zoo.kernels"), torch.set_grad_enabled(grad):
         _call(grad, block, blocks)
     assert f"block_sparse_attention: {expected} path" in caplog.text or f"torch path is {expected}" in caplog.text
 
@@ -79,7 +78,7 @@ def test_a_bias_that_requires_grad_makes_it_training(monkeypatch, caplog):
     q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
     bias = torch.randn(2, 64, 64, requires_grad=True)
     for index in (torch.tensor([[[[0], [1]]]]), torch.zeros(1, 1, 2, 0, dtype=torch.long)):
-        with caplog.at_level("DEBUG", logger="kernels"):
+        with caplog.at_level("DEBUG", logger="zoo.kernels"):
             out = block_sparse_attention(q, k, v, index, bias=bias, block_q=64, block_k=64)
         (grad,) = torch.autograd.grad(out.sum(), bias)
         assert torch.isfinite(grad).all()
@@ -107,7 +106,7 @@ def test_meta_tensors_give_the_output_shape(backend, monkeypatch):
 def test_flex_that_cannot_compile_falls_back_to_gather(monkeypatch):
     # A machine without a C++ compiler for Inductor: auto warns once, computes with the gather path and stops
     # choosing FlexAttention; asked for by name, FlexAttention's failure is an error that says so.
-    from kernels.block_sparse_attention import torch_impl
+    from zoo.kernels.block_sparse_attention import torch_impl
 
     def no_compiler():
         def fail(*args, **kwargs):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zoo.kernels import block_sparse_attention
+from zoo.kernels.block_sparse_attention.reference import block_sparse_attention_reference
 
-from kernels import block_sparse_attention
-from kernels.block_sparse_attention.reference import block_sparse_attention_reference
 from tests._subprocess import describe, run_python
 
 
@@ -18,10 +18,10 @@ def _qkv(b=1, h=2, lq=16, lk=16, d=8):
 
 
 def test_a_misspelt_backend_is_reported_at_import():
-    proc = run_python("import kernels", env={"ZOO_KERNELS": "bogus"}, timeout=120)
+    proc = run_python("import zoo.kernels", env={"ZOO_KERNELS": "bogus"}, timeout=120)
     assert proc.returncode == 1, describe(proc)
     assert "ZOO_KERNELS must be one of ('auto', 'reference'" in proc.stderr and "got 'bogus'" in proc.stderr
-    proc = run_python("import kernels", env={"ZOO_KERNELS": " Gather "}, timeout=120)
+    proc = run_python("import zoo.kernels", env={"ZOO_KERNELS": " Gather "}, timeout=120)
     assert proc.returncode == 0, describe(proc)
 
 

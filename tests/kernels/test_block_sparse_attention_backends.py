@@ -18,15 +18,14 @@ pytest.importorskip("triton")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from kernels.block_sparse_attention import (  # noqa: E402
+from zoo.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_flex,
     block_sparse_attention_gather,
     block_sparse_attention_masked,
     block_sparse_attention_reference,
 )
-from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton, invert_index  # noqa: E402
+from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton, invert_index  # noqa: E402
 
 BACKENDS = {
     "gather": block_sparse_attention_gather,
@@ -234,7 +233,7 @@ def test_bfloat16_close_to_the_float64_oracle(backend, block):
 def test_flex_merge_has_finite_gradients_on_rows_without_pooled_entries():
     # The pooled half of FlexAttention's merge (its backward runs on CUDA): a row with no pooled entry has a
     # log-sum-exp of -inf, whose backward must not turn into NaN.
-    from kernels.block_sparse_attention.torch_impl import _attend_lse, _listed_slots
+    from zoo.kernels.block_sparse_attention.torch_impl import _attend_lse, _listed_slots
 
     q, k, v = (torch.randn(1, 1, 8, 4, requires_grad=True) for _ in range(3))
     listed = _listed_slots(q, k, v, torch.tensor([[[[0], [-1]]]]), torch.tensor([[[[1], [0]]]]), None, 4, 2)

@@ -17,15 +17,14 @@ pytest.importorskip("triton")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from kernels.block_sparse_attention import (  # noqa: E402
+from zoo.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_flex,
     block_sparse_attention_gather,
     block_sparse_attention_masked,
     block_sparse_attention_reference,
 )
-from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton  # noqa: E402
+from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton  # noqa: E402
 
 BACKENDS = {
     "gather": block_sparse_attention_gather,

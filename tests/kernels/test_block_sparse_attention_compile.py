@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
-from kernels.block_sparse_attention.triton_impl import _bsa_forward_op, build_pyramid  # noqa: E402
+from zoo.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from zoo.kernels.block_sparse_attention.triton_impl import _bsa_forward_op, build_pyramid  # noqa: E402
 
 
 def _compiled_matches_eager(fn, inputs, backward=True):

@@ -13,12 +13,12 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (fp16/bf16 and autotuned Triton launches)", allow_module_level=True)
 
-from kernels.block_sparse_attention import (  # noqa: E402
+from zoo.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention_flex,
     block_sparse_attention_gather,
     block_sparse_attention_reference,
 )
-from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton  # noqa: E402
+from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton  # noqa: E402
 
 BACKENDS = {
     "triton": block_sparse_attention_triton,

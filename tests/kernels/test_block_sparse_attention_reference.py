@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels.block_sparse_attention import (
+from zoo.kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_gather,
     block_sparse_attention_reference,

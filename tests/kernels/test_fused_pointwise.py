@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import kernels.fused_pointwise as fp
-from kernels.fused_pointwise import reference
+import zoo.kernels.fused_pointwise as fp
+from zoo.kernels.fused_pointwise import reference
 
 pytestmark = pytest.mark.skipif(not fp.onednn_impl.available(), reason="this PyTorch build has no oneDNN")
 
@@ -27,12 +26,12 @@ def _paths(caplog):
     """Collects the paths the ops log at debug level into the yielded list."""
     caplog.clear()
     paths: list[str] = []
-    with caplog.at_level(logging.DEBUG, logger="kernels"):
+    with caplog.at_level(logging.DEBUG, logger="zoo.kernels"):
         yield paths
     paths += [
         r.getMessage().rsplit(": ", 1)[1].removesuffix(" path")
         for r in caplog.records
-        if r.name == "kernels.fused_pointwise"
+        if r.name == "zoo.kernels.fused_pointwise"
     ]
 
 

@@ -166,7 +166,7 @@ def test_every_kernel_backend_gives_the_same_logits_and_grads(backend, monkeypat
         monkeypatch.setenv("ZOO_KERNELS", name)
         model.zero_grad()
         caplog.clear()
-        with caplog.at_level("DEBUG", logger="kernels"), torch.set_grad_enabled(name != "flex"):
+        with caplog.at_level("DEBUG", logger="zoo.kernels"), torch.set_grad_enabled(name != "flex"):
             out = model(x)
         assert f"block_sparse_attention: {name} path" in caplog.text
         if name != "flex":

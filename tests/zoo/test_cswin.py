@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from zoo.blocks.cross_shaped import CrossShapedWindowAttention
 
 import zoo  # noqa: F401
-from blocks.cross_shaped import CrossShapedWindowAttention
 
 # size: (embed_dim, depths, heads, parameters of the official model definition, paper GFLOPs at 224).
 # Parameter counts from microsoft/CSWin-Transformer models/cswin.py (CSWin_64_12211_tiny_224, ...).

@@ -148,7 +148,7 @@ def test_fx_features_only_as_timm_builds_them(name):
 
 # TorchScript where timm's own port of the family scripts (timm 1.0.31: maxvit_tiny_tf_224, davit_tiny,
 # focalnet_tiny_srf and _lrf pass `torch.jit.script`). The blocks take their plain path under scripting: the
-# fused pointwise ops of `kernels.fused_pointwise` take modules, which TorchScript cannot pass to a function.
+# fused pointwise ops of `zoo.kernels.fused_pointwise` take modules, which TorchScript cannot pass to a function.
 # BiFormer, CSWin and LITv2 have no timm port to be on par with, and are not scripted: BiFormer's routed attention
 # calls the block-sparse op, whose backend dispatch (Triton, FlexAttention, environment switches) TorchScript cannot
 # compile; CSWin's and LITv2's mixers would need the same TorchScript branches, which nothing asks of them yet.

@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from zoo.blocks.hilo import HiLoAttention
 
 import zoo  # noqa: F401
-from blocks.hilo import HiLoAttention
 from tests._subprocess import describe, run_python
 from zoo.models.litv2 import DeformableTokenMerging, register_deform_conv_flops
 
@@ -213,9 +213,9 @@ def test_importing_changes_no_flop_formula_and_the_explicit_call_counts_token_me
         from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
         before = dict(flop_registry)
-        import blocks, kernels, zoo, zoo.models.litv2
-        for module in pkgutil.iter_modules(blocks.__path__):
-            importlib.import_module(f"blocks.{module.name}")
+        import zoo, zoo.blocks, zoo.kernels, zoo.models.litv2
+        for module in pkgutil.iter_modules(zoo.blocks.__path__):
+            importlib.import_module(f"zoo.blocks.{module.name}")
         assert dict(flop_registry) == before, sorted(map(str, set(flop_registry) - set(before)))
 
         merging = zoo.models.litv2.DeformableTokenMerging(8, 16).eval()

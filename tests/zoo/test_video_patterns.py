@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo.blocks.sparse_patterns import pattern_at_density
 
-from blocks.sparse_patterns import pattern_at_density
 from zoo.video.dit import VideoDiT
 from zoo.video.patterns import PATTERN_ATTENTIONS, PatternAttnProcessor
 

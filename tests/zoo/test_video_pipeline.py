@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import export_to_gif
+from zoo.blocks.pyramid_sparse import PSAConfig
 
-from blocks.pyramid_sparse import PSAConfig
 from zoo.video import VideoDiT, VideoDiTPipeline, disable_psa, enable_psa, psa_state
 
 CALL = dict(class_labels=[1, 4], num_frames=4, height=16, width=16, num_inference_steps=3, guidance_scale=3.0)
@@ -204,7 +204,7 @@ def test_psa_gives_the_same_output_and_grads_on_every_kernel_backend(backend, mo
         monkeypatch.setenv("ZOO_KERNELS", name)
         model.zero_grad()
         caplog.clear()
-        with caplog.at_level("DEBUG", logger="kernels"), torch.set_grad_enabled(name != "flex"):
+        with caplog.at_level("DEBUG", logger="zoo.kernels"), torch.set_grad_enabled(name != "flex"):
             out = model(x, t, labels).sample
         assert f"block_sparse_attention: {name} path" in caplog.text
         if name != "flex":

@@ -9,8 +9,8 @@ import torch
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from zoo.blocks.pyramid_sparse import PSAConfig
 
-from blocks.pyramid_sparse import PSAConfig
 from zoo.video import disable_psa, enable_psa, psa_state
 
 SMALL = dict(block_q=32, block_k=16, tile_size=(2, 4, 4))

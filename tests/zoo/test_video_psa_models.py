@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from zoo.blocks.pyramid_sparse import PSAConfig
 
-from blocks.pyramid_sparse import PSAConfig
 from zoo.video import PSAAttnProcessor, disable_psa, enable_psa, psa_state, supported_transformers
 
 from ._video_models import GRID, MODELS, build

@@ -18,9 +18,9 @@ from transformers import AttentionInterface, PreTrainedModel  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
+from zoo.blocks.pyramid_sparse import PSAConfig  # noqa: E402
 
 import zoo  # noqa: E402
-from blocks.pyramid_sparse import PSAConfig  # noqa: E402
 from zoo.vlm import ATTN_IMPLEMENTATION, CausalPSAState, disable_psa, enable_psa, psa_state  # noqa: E402
 
 from ._vlm_models import tiny_qwen2_5_vl, video_prompt  # noqa: E402

@@ -16,8 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from mmengine.model import BaseModule
-from mmengine.registry import MODELS
+
+try:
+    from mmengine.model import BaseModule
+    from mmengine.registry import MODELS
+except ImportError as exc:  # an optional extra: say which one
+    raise ImportError(
+        "zoo.integrations.mmengine needs mmengine, an optional dependency: pip install 'zoo[openmmlab]'"
+    ) from exc
 
 from .dense import DenseBackbone
 

@@ -1,7 +1,7 @@
 """timm's `Mlp` whose forward runs through the fused pointwise ops and can take the residual it is added to.
 
 The blocks' MLPs are where CPU inference spends a third of its time, most of it outside the GEMMs: the GELU
-pass over the 4C-wide hidden map and the residual add. `kernels.fused_pointwise` folds both into the GEMMs
+pass over the 4C-wide hidden map and the residual add. `zoo.kernels.fused_pointwise` folds both into the GEMMs
 where it may; it takes fc1 and fc2 as modules, so hooks on them and wrapped Linears are honoured.
 """
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from kernels.fused_pointwise import is_plain, linear, linear_add, linear_gelu
+from zoo.kernels.fused_pointwise import is_plain, linear, linear_add, linear_gelu
 
 __all__ = ["ResidualMlp"]
 
@@ -23,7 +23,7 @@ class ResidualMlp(Mlp):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., C_in) -> (..., C_out); plus `residual` (..., C_out) when given."""
         if torch.jit.is_scripting():
-            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
             out = self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
             return out if residual is None else residual + out
         if is_plain(self.act, nn.GELU):

@@ -20,8 +20,8 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE
-from kernels.fused_pointwise import conv_add
+from zoo.blocks.routing import BiLevelRoutingAttention, GlobalAttentionLePE
+from zoo.kernels.fused_pointwise import conv_add
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 from ._mlp import ResidualMlp

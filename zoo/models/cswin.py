@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.cross_shaped import CrossShapedWindowAttention
+from zoo.blocks.cross_shaped import CrossShapedWindowAttention
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 

@@ -4,7 +4,7 @@ Ding et al., ECCV 2022 (arXiv:2204.03645); official code and weights: github.com
 
 A 7x7 stride-4 conv stem, then four stages; each stage after the first starts with LayerNorm and a
 2x2 stride-2 conv, and stacks pairs of a spatial (window attention) block and a channel (group
-attention) block, whose mixers are `blocks.dual`'s. Each block adds a 3x3 depthwise convolution
+attention) block, whose mixers are `zoo.blocks.dual`'s. Each block adds a 3x3 depthwise convolution
 (convolutional position encoding) to its input before the attention and again before the MLP. The head
 pools, normalises and classifies. Sizes and the
 released checkpoints' layout follow the official `timm/models/davit.py` of dingmyu/davit;
@@ -14,7 +14,7 @@ Any input size works: as in the official code the stem and every downsampling pa
 to the stride, and the window attention pads to the window and crops back.
 
 The blocks are channels-last, (B, H, W, C). Their projections, MLPs and position-encoding convs run through
-`kernels.fused_pointwise`, which takes the modules: in CPU inference it applies GELU and the residual adds as
+`zoo.kernels.fused_pointwise`, which takes the modules: in CPU inference it applies GELU and the residual adds as
 oneDNN post-ops; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
 
@@ -28,8 +28,8 @@ from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, register_n
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from blocks.dual import ChannelAttention, WindowAttention
-from kernels.fused_pointwise import conv_add
+from zoo.blocks.dual import ChannelAttention, WindowAttention
+from zoo.kernels.fused_pointwise import conv_add
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
 from ._mlp import ResidualMlp

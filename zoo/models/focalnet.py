@@ -3,7 +3,7 @@
 Yang et al., NeurIPS 2022 (arXiv:2203.11926); official code and weights: github.com/microsoft/FocalNet.
 
 A strided-conv patch stem (4x4 stride 4, or 7x7 with `use_overlap_down`), then four stages of
-`FocalNetBlock` (the focal modulation of `blocks.focal_modulation`, an MLP); each stage after the first
+`FocalNetBlock` (the focal modulation of `zoo.blocks.focal_modulation`, an MLP); each stage after the first
 starts with a 2x2 stride-2 conv (3x3 with `use_overlap_down`) and LayerNorm. A final LayerNorm, average
 pooling and a linear layer classify. The registered sizes are the paper's ImageNet-1k models with small
 (focal levels 2, kernels 3, 5) and large (levels 3, kernels 3, 5, 7) receptive fields; the post-norm,
@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, LayerScale, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.focal_modulation import FocalModulation
+from zoo.blocks.focal_modulation import FocalModulation
 
 from ._contract import StagedBackbone, backbone_cfg, create_backbone, rename_keys, strict_key_check
 from ._mlp import ResidualMlp

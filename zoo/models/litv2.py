@@ -39,8 +39,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 from torchvision.ops import deform_conv2d
 
-from blocks._layout import pad_to_multiple
-from blocks.hilo import HiLoAttention
+from zoo.blocks._layout import pad_to_multiple
+from zoo.blocks.hilo import HiLoAttention
 
 from ._contract import StagedBackbone, backbone_cfg, convert_state_dict, create_backbone
 

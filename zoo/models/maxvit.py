@@ -25,11 +25,11 @@ Weights: `pretrained=True, pretrained_cfg_overlay=dict(file=PATH)` takes either
   the official evaluation does. Optimizer slots and `global_step` are ignored.
 
 The layout is detected from the keys. Any input of at least 32 x 32 works: stage maps whose sides do
-not divide by the window or grid are padded and the padded keys masked (see `blocks.multi_axis`).
+not divide by the window or grid are padded and the padded keys masked (see `zoo.blocks.multi_axis`).
 
 Tensors are channels-last, (B, H, W, C), from the stem on; the convolutions see the same memory as an NCHW
 view with channels_last strides, so no layout copy is made between the MBConv and the attention. The
-projections, convolutions and BatchNorms run through `kernels.fused_pointwise`, which takes the modules: in
+projections, convolutions and BatchNorms run through `zoo.kernels.fused_pointwise`, which takes the modules: in
 CPU inference it folds the BatchNorms into the convs and applies the tanh-GELU and the residual adds as oneDNN
 post-ops; otherwise (training, hooked or wrapped layers) it calls the modules.
 """
@@ -53,8 +53,8 @@ from timm.layers import (
 )
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from blocks.multi_axis import PartitionAttention
-from kernels.fused_pointwise import (
+from zoo.blocks.multi_axis import PartitionAttention
+from zoo.kernels.fused_pointwise import (
     bn_pointwise_conv_bn_gelu,
     conv_bn_gelu,
     pointwise_conv,
@@ -82,7 +82,7 @@ class TfSameConv2d(nn.Conv2d):
     symmetric padding instead of a padded copy of its input (timm's `Conv2dSame`): on the 4x-wide
     MBConv maps that copy costs several times the convolution itself. Other convs pad the input.
 
-    `conv_geometry` declares the forward a plain convolution, which `kernels.fused_pointwise` may fuse.
+    `conv_geometry` declares the forward a plain convolution, which `zoo.kernels.fused_pointwise` may fuse.
     """
 
     def __init__(
@@ -219,7 +219,7 @@ class MBConv(nn.Module):
     GELU -> SE -> 1x1 conv (4 C -> C), plus the shortcut (average-pooled and projected when strided).
 
     The 1x1 convs keep Conv2d weights (the checkpoints' layout) but run as GEMMs on the channels-last map
-    (`kernels.fused_pointwise.pointwise_conv`).
+    (`zoo.kernels.fused_pointwise.pointwise_conv`).
 
     Args:
         in_dim: input channels C_in.
@@ -266,7 +266,7 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C_in) -> (B, ceil(H / s), ceil(W / s), C)."""
         if torch.jit.is_scripting():
-            # TorchScript cannot hand modules to `kernels.fused_pointwise`: the modules are called as they are.
+            # TorchScript cannot hand modules to `zoo.kernels.fused_pointwise`: the modules are called as they are.
             y = F.gelu(self.norm1(self.conv1_1x1(self.pre_norm(x.permute(0, 3, 1, 2)))), approximate="tanh")
             y = self.se(F.gelu(self.norm2(self.conv2_kxk(y)), approximate="tanh"))
             return self.shortcut(x) + self.drop_path(self.conv3_1x1(y).permute(0, 2, 3, 1))

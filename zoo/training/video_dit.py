@@ -116,7 +116,7 @@ class VideoDiTTask(TrainingTask):
         num_classes: class labels; the CLI links it to the data's.
         attention: "psa" (pyramid sparse attention), "dense" (SDPA) or a video sparse-attention pattern ("sta",
             "neighborhood", "radial", "vmoba"); the weights are the same either way.
-        psa_config: `blocks.pyramid_sparse.PSAConfig` fields; None for the official defaults.
+        psa_config: `zoo.blocks.pyramid_sparse.PSAConfig` fields; None for the official defaults.
         pattern_config: `zoo.video.patterns.PatternConfig` fields (density, tile, chunk, threshold) of a pattern.
         class_dropout_prob: share of labels replaced by the null label (classifier-free guidance).
         weighting: noise-level density: "uniform" or "logit_normal" (SD3).

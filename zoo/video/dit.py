@@ -35,7 +35,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, trunc_normal_
 
-from blocks.pyramid_sparse import PSAConfig, apply_rotary_interleaved
+from zoo.blocks.pyramid_sparse import PSAConfig, apply_rotary_interleaved
 
 __all__ = ["VIDEO_DIT_SIZES", "VideoDiT", "VideoDiTAttnProcessor", "VideoDiTAttention", "VideoDiTBlock"]
 
@@ -180,7 +180,7 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
         attention: "dense" (SDPA), "psa" (pyramid sparse attention) or a video sparse-attention pattern
             ("sta", "neighborhood", "radial", "vmoba"; `zoo.video.patterns`).
         pattern_config: fields of `zoo.video.patterns.PatternConfig` for a pattern attention; None for defaults.
-        psa_config: fields of `blocks.pyramid_sparse.PSAConfig` (a dict, so the config stays JSON); None
+        psa_config: fields of `zoo.blocks.pyramid_sparse.PSAConfig` (a dict, so the config stays JSON); None
             for the official defaults.
     """
 

@@ -1,4 +1,4 @@
-"""The video sparse-attention patterns of `blocks.sparse_patterns` (STA, GNA, Radial, VMoBA) as attention processors
+"""The video sparse-attention patterns of `zoo.blocks.sparse_patterns` (STA, GNA, Radial, VMoBA) as attention processors
 of the zoo's `VideoDiT`, so that a model trains and samples with any of them:
 `VideoDiT(..., attention="sta", pattern_config={"density": 0.3})`, or `--model.attention sta` in the recipe.
 
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from blocks.sparse_patterns import BlockPattern, pattern_at_density, vmoba_attention
+from zoo.blocks.sparse_patterns import BlockPattern, pattern_at_density, vmoba_attention
 
 __all__ = ["PATTERN_ATTENTIONS", "PatternAttnProcessor", "PatternConfig", "enable_pattern"]
 

@@ -13,7 +13,7 @@ How it works. Each video self-attention module keeps diffusers' own processor, w
 `PSAAttnProcessor`: the wrapper runs the original processor (so projections, norms, rotary embeddings, the text
 stream and output projections are exactly diffusers') under a `torch.overrides.TorchFunctionMode` that takes
 the processor's one call of `torch.nn.functional.scaled_dot_product_attention` and computes it with
-`blocks.pyramid_sparse.PyramidSparseAttention` instead. Text tokens that a joint attention appends (HunyuanVideo,
+`zoo.blocks.pyramid_sparse.PyramidSparseAttention` instead. Text tokens that a joint attention appends (HunyuanVideo,
 Mochi) or prepends (CogVideoX) keep full-resolution key blocks, as the official code keeps them; text padding
 masks (HunyuanVideo) are honoured by attending over each sample's valid tokens; cross-attention modules are not
 wrapped and stay dense. diffusers' attention-backend registry cannot take a new backend without patching it (its
@@ -52,7 +52,7 @@ from diffusers import (
 )
 from torch.overrides import TorchFunctionMode
 
-from blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
+from zoo.blocks.pyramid_sparse import PSAConfig, PyramidSparseAttention
 
 from .dit import VideoDiT
 

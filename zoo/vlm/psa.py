@@ -38,7 +38,7 @@ from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration,
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from blocks.pyramid_sparse import (
+from zoo.blocks.pyramid_sparse import (
     PSAConfig,
     attention_density,
     causal_block_masks,
