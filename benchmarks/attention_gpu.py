@@ -3,7 +3,7 @@ FlexAttention on the same block masks, BiFormer's routed attention against gathe
 attention shape of Wan2.1-1.3B at 480p. Writes the "attention_gpu" section of BENCHMARKS.md.
 
     bash benchmarks/gpu.sh [--quick]                  # the CUDA tests, then this: within 8 minutes on one H100
-    python -m benchmarks.attention_gpu [--quick] [--stages sparse psa bra] [--budget 300]
+    python -m benchmarks.attention_gpu [--quick] [--stages sparse psa bra patterns] [--budget 300]
     python -m benchmarks.attention_gpu --smoke        # tiny shapes on the CPU, every code path; writes nothing
 
 Every stage runs in a process of its own under a time budget: a stage short of time stops between
@@ -33,6 +33,9 @@ allocator's high-water mark of one call above what was allocated before it.
   1/4/16) at 224 x 224, batch 128, and at 896 x 896, batch 8: the op as `BiLevelRoutingAttention` calls it
   (one block per region, index shared by the heads; Triton) against gathering the routed regions' K/V with
   `torch.gather` and calling SDPA on (B, heads * regions, tokens, D) x (..., topk * tokens, D).
+- patterns: the video sparse-attention patterns (STA, GNA, Radial; `zoo.blocks.sparse_patterns`) at the settings
+  nearest 10% and 30% density, on a 20 x 32 x 48 = 30,720-token grid (near Wan 480p's 32,760, divisible by
+  the 4 x 8 x 8 tiles), 12 heads of 128, against dense SDPA; Triton backend; forward, then forward+backward.
 
 Trimmed to fit 8 minutes with the CUDA tests (FlexAttention compiles once per shape and pass, the Triton
 launches autotune once per block shape and head dim): 8k and 32k tokens, 100% density, B > 1 and fp16 in
@@ -63,7 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "attention_gpu"
-STAGES = ("env", "sparse", "psa", "bra")
+STAGES = ("env", "sparse", "psa", "bra", "patterns")
 TARGETS = (
     "on kept blocks at least 70% of dense SDPA's TFLOP/s, and no slower than FlexAttention on the same block mask "
     "(issue 16)"
@@ -101,6 +104,10 @@ class Plan:
     psa_full: bool  # also the end-to-end module, the planning alone and the flex backend
     bra_cases: tuple[tuple[str, int, tuple[tuple[str, int, int, int], ...]], ...]
     budgets: dict[str, float] = field(default_factory=dict)
+    # The video patterns' grid and tile (STA/GNA windows in tiles; Radial's block is the tile's volume): near
+    # Wan 480p's 32,760 tokens, on a grid the tile divides.
+    pattern_grid: tuple[int, int, int] = (20, 32, 48)
+    pattern_tile: tuple[int, int, int] = (4, 8, 8)
 
 
 # BiFormer-T's routing stages: (stage, heads, tokens per region, topk); 7 x 7 regions, head dim 32.
@@ -125,7 +132,7 @@ PLANS = {
         psa_dim=128,
         psa_full=True,
         bra_cases=(("224x224, batch 128", 128, _BRA_224), ("896x896, batch 8", 8, _BRA_896)),
-        budgets={"env": 20, "sparse": 160, "psa": 70, "bra": 50},
+        budgets={"env": 20, "sparse": 140, "psa": 65, "bra": 45, "patterns": 30},
     ),
     "quick": Plan(
         device="cuda",
@@ -143,7 +150,7 @@ PLANS = {
         psa_dim=128,
         psa_full=False,
         bra_cases=(("224x224, batch 128", 128, _BRA_224),),
-        budgets={"env": 15, "sparse": 70, "psa": 45, "bra": 35},
+        budgets={"env": 15, "sparse": 60, "psa": 40, "bra": 30, "patterns": 20},
     ),
     # CPU, fp32 (the Triton interpreter's bf16 is unreliable), tiny shapes: every code path, no figures.
     "smoke": Plan(
@@ -162,7 +169,9 @@ PLANS = {
         psa_dim=64,
         psa_full=True,
         bra_cases=(("56x56, batch 2", 2, (("stage 2", 2, 16, 4),)),),
-        budgets={"env": 120, "sparse": 900, "psa": 600, "bra": 300},
+        budgets={"env": 120, "sparse": 900, "psa": 600, "bra": 300, "patterns": 600},
+        pattern_grid=(4, 8, 16),
+        pattern_tile=(2, 4, 4),
     ),
 }
 # In the sweep, the (tokens, head dim) shapes in the order they are measured: the figures that matter most
@@ -494,9 +503,8 @@ def _sparse_shape(st: Stage, seq: int, d: int) -> None:
 def _sparse_density(st: Stage, q, k, v, grad_out, density: float) -> None:
     """Triton, FlexAttention and the zoo's flex backend on one random table; their outputs compared."""
     import torch
-
-    from kernels.block_sparse_attention import block_sparse_attention_flex
-    from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton
+    from zoo.kernels.block_sparse_attention import block_sparse_attention_flex
+    from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton
 
     plan = st.plan
     (b, h, seq, d), bq, bk = q.shape, plan.block_q, plan.block_k
@@ -544,7 +552,7 @@ def stage_psa(st: Stage) -> None:
     """PSA at Wan2.1-1.3B's attention shape: dense SDPA, the op per backend, the module, the planning."""
     plan = st.plan
     torch, dtype = _setup_torch(plan)
-    from blocks.pyramid_sparse import (
+    from zoo.blocks.pyramid_sparse import (
         PSAConfig,
         PyramidSparseAttention,
         attention_density,
@@ -624,7 +632,7 @@ def stage_bra(st: Stage) -> None:
 
 def _bra_case(st: Stage, label: str, batch: int, stage: str, heads: int, tokens: int, topk: int) -> None:
     torch, dtype = _setup_torch(st.plan)
-    from kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton
+    from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton
 
     regions, d = 49, 32
     scale, n = d**-0.5, regions * tokens
@@ -653,7 +661,46 @@ def _bra_case(st: Stage, label: str, batch: int, stage: str, heads: int, tokens:
         st.emit("check", a="triton", b="gather_sdpa", rel_diff=rel_diff(ours, theirs), **case)
 
 
-STAGE_FUNCS = {"env": stage_env, "sparse": stage_sparse, "psa": stage_psa, "bra": stage_bra}
+PATTERN_NAMES = ("sta", "neighborhood", "radial")
+PATTERN_DENSITIES = (0.10, 0.30)
+
+
+def stage_patterns(st: Stage) -> None:
+    """The video patterns of `zoo.blocks.sparse_patterns` (issue 18) on the op's Triton backend, against dense SDPA,
+    at the densities nearest 10% and 30%. Inference (forward) first, then forward+backward."""
+    plan = st.plan
+    torch, dtype = _setup_torch(plan)
+    from zoo.blocks.sparse_patterns import pattern_at_density
+
+    grid, h, d = plan.pattern_grid, plan.psa_heads, plan.psa_dim
+    length = math.prod(grid)
+    gen = torch.Generator(device=st.device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype).requires_grad_() for _ in range(3)
+    )
+    grad_out = torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype)
+    base = {"grid": list(grid), "seq": length, "heads": h, "d": d}
+    dense_flop = 4.0 * h * length**2 * d
+    dense = dense_sdpa(st.device)
+    measure(st, {**base, "pattern": "dense"}, "dense", lambda: dense(q, k, v), (q, k, v), grad_out, dense_flop)
+    for target in PATTERN_DENSITIES:
+        for name in PATTERN_NAMES:
+            st.ensure(15.0, f"{name} at density {target}")
+            pattern = pattern_at_density(name, grid, target, tile=plan.pattern_tile, device=st.device)
+            kept = pattern.density()
+            case = {**base, "pattern": name, "target": target, "density": kept, "block": pattern.block_q}
+            with zoo_kernels("triton"):
+                call = lambda pattern=pattern: pattern.attend(q, k, v)  # noqa: E731
+                measure(st, case, "triton", call, (q, k, v), grad_out, dense_flop * kept)
+
+
+STAGE_FUNCS = {
+    "env": stage_env,
+    "sparse": stage_sparse,
+    "psa": stage_psa,
+    "bra": stage_bra,
+    "patterns": stage_patterns,
+}
 
 
 def run_stage(name: str, plan: Plan, results: Path, deadline: float) -> int:
@@ -747,6 +794,8 @@ def _case_label(r: dict) -> str:
         return f"PSA {r.get('path', '')}"
     if r["stage"] == "bra":
         return f"BRA {r.get('input', '')} {r.get('bra_stage', '')}"
+    if r["stage"] == "patterns":
+        return f"pattern {r.get('pattern', '')} at {r.get('target', 1.0):.0%}"
     return r["stage"]
 
 
@@ -951,6 +1000,34 @@ def render(records: list[dict], plan: Plan, args, started: str, elapsed: float) 
                 cells.append(_fmt(diff, ".1e") + (" (!)" if diff is not None and diff > DIFF_FLAG else ""))
                 out.append("| " + " | ".join(cells) + " |")
         summary.append(f"bra: Triton faster than gather-then-SDPA in {wins[0]}/{wins[1]} measurements")
+
+    # ---- video patterns
+    pats = [r for r in rows if r["stage"] == "patterns"]
+    if pats or "patterns" in ends:
+        grid = plan.pattern_grid
+        out.append(
+            f"\n### Video sparse-attention patterns near Wan 480p's size\n\n{grid[0]} x {grid[1]} x {grid[2]} = "
+            f"{math.prod(grid):,} tokens, {plan.psa_heads} heads of {plan.psa_dim}, batch 1, {plan.dtype}; "
+            f"STA, GNA (NATTEN's strided windows) and Radial from `zoo.blocks.sparse_patterns.pattern_at_density` "
+            f"at the settings nearest each target density (tiles of {' x '.join(map(str, plan.pattern_tile))} "
+            "tokens), on the op's Triton backend. TFLOP/s on the kept blocks. Speed-up = dense time / pattern time."
+        )
+        out.append("\n| pattern | target | density | fwd ms | fwd TFLOP/s | fwd speed-up | f+b ms | f+b speed-up |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        by = {(r["pattern"], r.get("target"), r["pass_"]): r for r in pats}
+        dense = {p: by.get(("dense", None, p)) for p in ("fwd", "fwd+bwd")}
+        for target in (None, *PATTERN_DENSITIES):
+            for name in ("dense",) if target is None else PATTERN_NAMES:
+                f, fb = by.get((name, target, "fwd")), by.get((name, target, "fwd+bwd"))
+                if not (f or fb):
+                    continue
+                kept = (f or fb).get("density", 1.0)
+                cells = [name, "—" if target is None else f"{target:.0%}", f"{kept:.3f}"]
+                cells += [_fmt(f and f["ms"]), _tf(f and f["tflops"])]
+                cells.append(_fmt(dense["fwd"]["ms"] / f["ms"], ".2f") + "x" if f and dense["fwd"] else "—")
+                cells.append(_fmt(fb and fb["ms"]))
+                cells.append(_fmt(dense["fwd+bwd"]["ms"] / fb["ms"], ".2f") + "x" if fb and dense["fwd+bwd"] else "—")
+                out.append("| " + " | ".join(cells) + " |")
 
     # ---- compile / autotune cost, and what was not measured
     # What compiling (FlexAttention) and autotuning (Triton) cost, for sizing the next run's budgets.

@@ -12,7 +12,7 @@
 # Back here, `python -m benchmarks.attention_gpu --splice <that BENCHMARKS.md>` copies the section in.
 #
 # Time plan (seconds, full run): GPU facts 5; CUDA tests (fp16/bf16, autotuned launches) at most 140;
-# benchmarks at most 300 (their own process per stage: env 20, sparse 160, psa 70, bra 50, each stopped
+# benchmarks at most 300 (their own process per stage: env 20, sparse 140, psa 65, bra 45, patterns 30, each stopped
 # at its budget, what it measured kept); 35 to spare. Any stage's failure leaves the others running; the
 # exit status is the tests' or, if they passed, the benchmarks'.
 set -euo pipefail

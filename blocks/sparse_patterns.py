@@ -1,7 +1,7 @@
 """Static sparse-attention patterns of video diffusion transformers as tables of the one block-sparse op.
 
 Each builder turns a video token grid (T, H, W) into a `BlockPattern`: the order that makes its blocks
-contiguous runs of tokens, the block sizes and the index table of `kernels.block_sparse_attention`, so
+contiguous runs of tokens, the block sizes and the index table of `zoo.kernels.block_sparse_attention`, so
 every pattern runs on every backend of the op and can be compared with the others at equal density.
 
 - Generalized Neighborhood Attention (GNA; Hassani et al., "Generalized Neighborhood Attention:
@@ -28,7 +28,7 @@ every pattern runs on every backend of the op and can be compared with the other
   ranked per query and head or over all queries of a head (global selection). Selection is per query token,
   so the op runs it with query blocks of one token.
 
-Dense attention and PSA (`blocks.pyramid_sparse`) are the two ends these are compared with.
+Dense attention and PSA (`zoo.blocks.pyramid_sparse`) are the two ends these are compared with.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from kernels import block_sparse_attention, tables_from_level_map
+from zoo.kernels import block_sparse_attention, tables_from_level_map
 
 from .video_order import video_token_order
 
@@ -235,7 +234,11 @@ def _radial_allowed(query: torch.Tensor, key: torch.Tensor, per_frame: int, widt
 
 
 def radial_pattern(
-    grid: tuple[int, int, int], block: int = 128, decay_factor: float = 1.0, model: str = "wan"
+    grid: tuple[int, int, int],
+    block: int = 128,
+    decay_factor: float = 1.0,
+    model: str = "wan",
+    device: torch.device | str | None = None,
 ) -> BlockPattern:
     """Radial Attention's static energy-decay mask on frame-major tokens, as blocks.
 
@@ -245,6 +248,8 @@ def radial_pattern(
         decay_factor: scales the band width beyond the near frames (the authors' presets: 1 for
             HunyuanVideo, 0.5 to 1 for Wan); smaller is sparser.
         model: "wan" (own frame full, neighbouring frames half a frame wide) or "hunyuan" (both full).
+        device: where the token masks are evaluated (block x L at a time, L^2 work in all: minutes on a CPU at
+            Wan 480p's 32k tokens, well under a second on a GPU); the pattern's tables end on the CPU either way.
 
     Returns:
         The pattern (tokens stay in row-major, i.e. frame-major, order).
@@ -258,24 +263,28 @@ def radial_pattern(
         raise ValueError(f"model must be one of {RADIAL_MODELS}, got {model!r}")
     per_frame, length = grid[1] * grid[2], math.prod(grid)
     blocks = -(-length // block)
-    keys = torch.arange(length).view(1, -1)
-    width, keep = _radial_rule(grid[0], per_frame, block, float(decay_factor), model)
+    keys = torch.arange(length, device=device).view(1, -1)
+    width, keep = (t.to(keys.device) for t in _radial_rule(grid[0], per_frame, block, float(decay_factor), model))
     rows = []
     for a in range(blocks):  # one query block at a time: memory of block x L, not L x L
-        queries = torch.arange(a * block, min(length, (a + 1) * block)).view(-1, 1)
+        queries = torch.arange(a * block, min(length, (a + 1) * block), device=keys.device).view(-1, 1)
         allowed = _radial_allowed(queries, keys, per_frame, width, keep).float()
         # (Mk, block): per key block, the share of this block's queries reaching each column (0 past the end)
         density = F.pad(allowed.mean(0), (0, blocks * block - length)).view(blocks, block)
         reached = (density > 0).sum(1)
         high = (density > 1 / 3).sum(1)
         rows.append(high > 0.6 * reached)
-    level_map = torch.where(torch.stack(rows), 0, -1)[None, None]
+    level_map = torch.where(torch.stack(rows), 0, -1).cpu()[None, None]
     kv_index, _ = tables_from_level_map(level_map, max(1, int((level_map >= 0).sum(-1).max())))
     return BlockPattern(grid, None, kv_index, block, block)
 
 
 def pattern_at_density(
-    name: str, grid: tuple[int, int, int], density: float, tile: tuple[int, int, int] | int = (2, 4, 4)
+    name: str,
+    grid: tuple[int, int, int],
+    density: float,
+    tile: tuple[int, int, int] | int = (2, 4, 4),
+    device: torch.device | str | None = None,
 ) -> BlockPattern:
     """The pattern of kind `name` whose density is closest to `density` among its settings.
 
@@ -285,6 +294,7 @@ def pattern_at_density(
         grid: (T, H, W) tokens.
         density: target fraction of dense attention's pairs, in (0, 1].
         tile: tile of STA and GNA; its volume is Radial's block.
+        device: where Radial evaluates its token masks (see `radial_pattern`); the others build on the CPU.
     """
     if name not in PATTERNS:
         raise ValueError(f"name must be one of {PATTERNS}, got {name!r}")
@@ -309,7 +319,7 @@ def pattern_at_density(
     else:
         block = math.prod(tile)
         for factor in (2.0**e for e in range(-6, 4)):
-            candidates.append(lambda f=factor: radial_pattern(grid, block, f))
+            candidates.append(lambda f=factor: radial_pattern(grid, block, f, device=device))
     best = None
     for make in candidates:
         pattern = make()
