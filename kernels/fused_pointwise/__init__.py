@@ -34,22 +34,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._backend import select_backend
 from . import onednn_impl, reference, torch_impl
+from ._ops import OPS
 
-__all__ = [
-    "bn_pointwise_conv_bn_gelu",
-    "conv_add",
-    "conv_bn_gelu",
-    "conv_gelu",
-    "fusion_allowed",
-    "is_plain",
-    "linear",
-    "linear_add",
-    "linear_gelu",
-    "linear_mul",
-    "linear_split",
-    "pointwise_conv",
-    "pointwise_conv_add",
-]
+__all__ = [*OPS, "fusion_allowed", "is_plain"]
 
 _log = logging.getLogger(__name__)
 _ONEDNN = onednn_impl.available()

@@ -16,20 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = [
-    "available",
-    "bn_pointwise_conv_bn_gelu",
-    "conv_add",
-    "conv_bn_gelu",
-    "conv_gelu",
-    "linear",
-    "linear_add",
-    "linear_gelu",
-    "linear_mul",
-    "linear_split",
-    "pointwise_conv",
-    "pointwise_conv_add",
-]
+from ._ops import OPS
+
+__all__ = ["available", *OPS]
 
 
 def available() -> bool:

@@ -13,19 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    "bn_pointwise_conv_bn_gelu",
-    "conv_add",
-    "conv_bn_gelu",
-    "conv_gelu",
-    "linear",
-    "linear_add",
-    "linear_gelu",
-    "linear_mul",
-    "linear_split",
-    "pointwise_conv",
-    "pointwise_conv_add",
-]
+from ._ops import OPS
+
+__all__ = [*OPS]
 
 
 def linear(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:

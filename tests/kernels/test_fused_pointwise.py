@@ -326,3 +326,11 @@ def test_bad_arguments_raise():
         fp.linear_gelu(x, fc, approximate="erf")
     with pytest.raises(ValueError, match="do not sum to out_features 40"):
         fp.linear_split(x, fc, (16, 16))
+
+
+@pytest.mark.parametrize("module", [fp, fp.reference, fp.onednn_impl], ids=["dispatch", "reference", "onednn"])
+def test_every_path_defines_every_op(module):
+    # The op set is named once (_ops.OPS); a path that lost or misspelt one would otherwise fail only at the call.
+    assert set(fp._ops.OPS) <= set(module.__all__)
+    missing = [name for name in module.__all__ if not callable(getattr(module, name, None))]
+    assert not missing, f"{module.__name__} exports names it does not define: {missing}"
