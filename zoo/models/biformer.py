@@ -66,7 +66,7 @@ class BiFormerBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         if self.training and isinstance(self.drop_path, DropPath):  # drop-path sits between the MLP and the add
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        # The residual add inside fc2's GEMM (kernels.fused_pointwise, CPU inference).
+        # The residual add inside fc2's GEMM (zoo.kernels.fused_pointwise, CPU inference).
         return self.mlp(self.norm2(x), residual=x)
 
 
