@@ -119,7 +119,7 @@ def test_radial_density_falls_with_temporal_distance():
     assert mask[:, 0:4].all()  # every query reaches the first frame, the attention sink
 
 
-@pytest.mark.parametrize("backend", ["reference", "gather", "masked", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked", "flex", "triton"])
 @pytest.mark.parametrize(
     "make",
     [
@@ -260,7 +260,7 @@ def test_vmoba_partitions_cycle_and_topk_keeps_own_chunk():
     assert bool(chosen[0, 0, torch.arange(256), torch.arange(256) // 32].all())  # own chunk always in
 
 
-@pytest.mark.parametrize("backend", ["reference", "gather", "masked"])
+@pytest.mark.parametrize("backend", ["reference", "gather", "masked", "triton"])
 def test_vmoba_is_the_same_on_every_backend(backend, monkeypatch):
     q, k, v = (torch.randn(1, 2, 128, 8) for _ in range(3))
     monkeypatch.setenv("ZOO_KERNELS", "reference")
