@@ -20,29 +20,11 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from zoo.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
-    block_sparse_attention_flex,
-    block_sparse_attention_gather,
-    block_sparse_attention_masked,
     block_sparse_attention_reference,
 )
-from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton, invert_index  # noqa: E402
+from zoo.kernels.block_sparse_attention.triton_impl import invert_index  # noqa: E402
 
-BACKENDS = {
-    "gather": block_sparse_attention_gather,
-    "masked": block_sparse_attention_masked,
-    "triton": block_sparse_attention_triton,
-    "flex": block_sparse_attention_flex,
-}
-
-ATOL = RTOL = 2e-4
-
-
-def _grads(out, inputs, grad_out):
-    # The reference returns a constant for an empty table: its gradients are zero, not undefined.
-    if not out.requires_grad:
-        return [torch.zeros_like(x) for x in inputs]
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+from tests.kernels._backends import ATOL, BACKENDS, RTOL, grads, make_inputs  # noqa: E402
 
 
 def _check(q, k, v, index, level, bias, block_q, block_k, scale, num_levels, fn=None, backend="triton"):
@@ -60,18 +42,10 @@ def _check(q, k, v, index, level, bias, block_q, block_k, scale, num_levels, fn=
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     inputs = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
     grad_out = torch.randn_like(expected)
-    got, want = _grads(out, inputs, grad_out), _grads(expected, inputs, grad_out)
+    got, want = grads(out, inputs, grad_out), grads(expected, inputs, grad_out)
     for name, g, w in zip("qkvb", got, want, strict=False):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
     return out, got
-
-
-def _inputs(b, h, lq, lk, d, dv, bias_heads=None, block_q=None, block_k=None):
-    q = torch.randn(b, h, lq, d, requires_grad=True)
-    k = torch.randn(b, h, lk, d, requires_grad=True)
-    v = torch.randn(b, h, lk, dv, requires_grad=True)
-    bias = None if bias_heads is None else torch.randn(bias_heads, block_q, block_k, requires_grad=True)
-    return q, k, v, bias
 
 
 # name -> (B, H, Lq, Lk, D, Dv, block_q, block_k, bias heads or None, index (Bi, Hi, Mq, K), level or None)
@@ -103,7 +77,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_reference(case, backend):
     b, h, lq, lk, d, dv, bq, bk, bias_heads, index, level = CASES[case]
-    q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
+    q, k, v, bias = make_inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
     index = torch.tensor(index)
     level = None if level is None else torch.tensor(level)
     num_levels = 1 if level is None else int(level.max()) + 1
@@ -113,7 +87,7 @@ def test_matches_reference(case, backend):
 @pytest.mark.parametrize("backend", ["gather", "masked", "triton"])
 def test_masking_bias_rows(backend):
     # A bias of -inf masks keys; a query row that meets only -inf gets zeros and zero gradients.
-    q, k, v, bias = _inputs(1, 2, 8, 8, 8, 8, 2, 4, 4)
+    q, k, v, bias = make_inputs(1, 2, 8, 8, 8, 8, 2, 4, 4)
     with torch.no_grad():
         bias[:, 0] = float("-inf")  # query offset 0 sees no key in any block
         bias[:, 1, :2] = float("-inf")
@@ -146,7 +120,7 @@ def test_invert_index():
 
 def test_dispatch_forced_triton_and_deterministic(monkeypatch):
     monkeypatch.setenv("ZOO_KERNELS", "triton")
-    q, k, v, _ = _inputs(1, 2, 20, 24, 8, 8)
+    q, k, v, _ = make_inputs(1, 2, 20, 24, 8, 8)
     index, level = torch.tensor([[[[0, 2, 2], [1, -1, 0]]]]), torch.tensor([[[[0, 1, 2], [1, 0, 0]]]])
     out, _ = _check(q, k, v, index, level, None, 10, 8, 0.4, 3, fn=block_sparse_attention)
     assert "block_sparse_attention" in type(out.grad_fn).__name__, "the Triton path did not run"
@@ -183,7 +157,7 @@ def _random_case(backend, dims, shared, bias_heads, seed):
     shape = (1 if shared[0] else b, 1 if shared[1] else h, mq, entries)
     index = torch.randint(-1, mk, shape, generator=gen)  # with replacement: repeats and empties happen
     level = torch.randint(0, num_levels, shape, generator=gen)
-    q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
+    q, k, v, bias = make_inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
     _check(q, k, v, index, level, bias, bq, bk, d**-0.5, num_levels, backend=backend)
 
 

@@ -19,27 +19,10 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from zoo.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
-    block_sparse_attention_flex,
-    block_sparse_attention_gather,
-    block_sparse_attention_masked,
     block_sparse_attention_reference,
 )
-from zoo.kernels.block_sparse_attention.triton_impl import block_sparse_attention_triton  # noqa: E402
 
-BACKENDS = {
-    "gather": block_sparse_attention_gather,
-    "masked": block_sparse_attention_masked,
-    "triton": block_sparse_attention_triton,
-    "flex": block_sparse_attention_flex,
-}
-ATOL = RTOL = 2e-4
-
-
-def _grads(out, inputs, grad_out):
-    if not out.requires_grad:
-        return [torch.zeros_like(x) for x in inputs]
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+from tests.kernels._backends import ATOL, BACKENDS, RTOL, grads, make_inputs  # noqa: E402
 
 
 def _check(backend, q, k, v, index, level, bias, block_q, block_k, num_levels):
@@ -54,17 +37,9 @@ def _check(backend, q, k, v, index, level, bias, block_q, block_k, num_levels):
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     inputs = [t for t in (q, k, v, bias) if t is not None]
     grad_out = torch.randn_like(expected)
-    for name, g, w in zip("qkvb", _grads(out, inputs, grad_out), _grads(expected, inputs, grad_out), strict=False):
+    for name, g, w in zip("qkvb", grads(out, inputs, grad_out), grads(expected, inputs, grad_out), strict=False):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"d{n}: {m}")
     return out
-
-
-def _inputs(b, h, lq, lk, d, dv, bias_heads=None, block_q=None, block_k=None):
-    q = torch.randn(b, h, lq, d, requires_grad=True)
-    k = torch.randn(b, h, lk, d, requires_grad=True)
-    v = torch.randn(b, h, lk, dv, requires_grad=True)
-    bias = None if bias_heads is None else torch.randn(bias_heads, block_q, block_k, requires_grad=True)
-    return q, k, v, bias
 
 
 # name -> (B, H, Lq, Lk, D, Dv, block_q, block_k, bias heads, index (Bi, Hi, Mq or 1, K), level or None); a
@@ -84,7 +59,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_causal_matches_reference(case, backend):
     b, h, lq, lk, d, dv, bq, bk, bias_heads, index, level = CASES[case]
-    q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
+    q, k, v, bias = make_inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
     mq = -(-lq // bq)
     index = torch.tensor(index).expand(-1, -1, mq, -1)
     level = None if level is None else torch.tensor(level).expand(index.shape)
@@ -123,7 +98,7 @@ def test_pooled_group_is_hidden_until_its_last_token():
 @pytest.mark.parametrize("name", ["torch", "triton", "reference"])
 def test_dispatch_passes_causal(monkeypatch, name):
     monkeypatch.setenv("ZOO_KERNELS", name)
-    q, k, v, _ = _inputs(1, 2, 20, 20, 8, 8)
+    q, k, v, _ = make_inputs(1, 2, 20, 20, 8, 8)
     index = torch.arange(3).expand(1, 1, 3, 3)
     out = block_sparse_attention(q, k, v, index, block_q=8, block_k=8, causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
@@ -156,7 +131,7 @@ def _random_case(backend, dims, bias_heads, seed):
     mq, mk = -(-lq // bq), -(-lk // bk)
     index = torch.randint(-1, mk, (b, h, mq, entries), generator=gen)
     level = torch.randint(0, num_levels, index.shape, generator=gen)
-    q, k, v, bias = _inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
+    q, k, v, bias = make_inputs(b, h, lq, lk, d, dv, bias_heads, bq, bk)
     _check(backend, q, k, v, index, level, bias, bq, bk, num_levels)
 
 
