@@ -548,10 +548,25 @@ def psa_kept_flop(levels, block_q: int, block_k: int, length: int, d: int) -> fl
     return 4.0 * d * float((slots * rows.view(mq, 1)).sum())
 
 
+def video_inputs_and_dense_row(st: Stage, grid: tuple[int, int, int], label: dict):
+    """Seeded q, k, v (1, heads, T*H*W, D) with grads, an output gradient, the case fields, and dense SDPA's row
+    (labelled with `label`) at the plan's video attention shape (`psa_heads` heads of `psa_dim`)."""
+    torch, dtype = _setup_torch(st.plan)
+    h, d, length = st.plan.psa_heads, st.plan.psa_dim, math.prod(grid)
+    gen = torch.Generator(device=st.device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype).requires_grad_() for _ in range(3)
+    )
+    grad_out = torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype)
+    base = {"grid": list(grid), "seq": length, "heads": h, "d": d}
+    dense = dense_sdpa(st.device)
+    measure(st, {**base, **label}, "dense", lambda: dense(q, k, v), (q, k, v), grad_out, 4.0 * h * length**2 * d)
+    return q, k, v, grad_out, base
+
+
 def stage_psa(st: Stage) -> None:
     """PSA at Wan2.1-1.3B's attention shape: dense SDPA, the op per backend, the module, the planning."""
     plan = st.plan
-    torch, dtype = _setup_torch(plan)
     from zoo.blocks.pyramid_sparse import (
         PSAConfig,
         PyramidSparseAttention,
@@ -561,18 +576,9 @@ def stage_psa(st: Stage) -> None:
     )
 
     config = PSAConfig()
-    grid, h, d = plan.psa_grid, plan.psa_heads, plan.psa_dim
+    grid, d = plan.psa_grid, plan.psa_dim
     length = math.prod(grid)
-    gen = torch.Generator(device=st.device).manual_seed(0)
-    q, k, v = (
-        torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype).requires_grad_() for _ in range(3)
-    )
-    grad_out = torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype)
-    base = {"grid": list(grid), "seq": length, "heads": h, "d": d}
-    dense = dense_sdpa(st.device)
-    measure(
-        st, {**base, "path": "dense"}, "dense", lambda: dense(q, k, v), (q, k, v), grad_out, 4.0 * h * length**2 * d
-    )
+    q, k, v, grad_out, base = video_inputs_and_dense_row(st, grid, {"path": "dense"})
 
     levels = plan_levels(q.detach(), k.detach(), config)
     density = float(attention_density(levels))
@@ -669,20 +675,11 @@ def stage_patterns(st: Stage) -> None:
     """The video patterns of `zoo.blocks.sparse_patterns` (issue 18) on the op's Triton backend, against dense SDPA,
     at the densities nearest 10% and 30%. Inference (forward) first, then forward+backward."""
     plan = st.plan
-    torch, dtype = _setup_torch(plan)
     from zoo.blocks.sparse_patterns import pattern_at_density
 
-    grid, h, d = plan.pattern_grid, plan.psa_heads, plan.psa_dim
-    length = math.prod(grid)
-    gen = torch.Generator(device=st.device).manual_seed(0)
-    q, k, v = (
-        torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype).requires_grad_() for _ in range(3)
-    )
-    grad_out = torch.randn(1, h, length, d, generator=gen, device=st.device, dtype=dtype)
-    base = {"grid": list(grid), "seq": length, "heads": h, "d": d}
-    dense_flop = 4.0 * h * length**2 * d
-    dense = dense_sdpa(st.device)
-    measure(st, {**base, "pattern": "dense"}, "dense", lambda: dense(q, k, v), (q, k, v), grad_out, dense_flop)
+    grid = plan.pattern_grid
+    q, k, v, grad_out, base = video_inputs_and_dense_row(st, grid, {"pattern": "dense"})
+    dense_flop = 4.0 * plan.psa_heads * math.prod(grid) ** 2 * plan.psa_dim
     for target in PATTERN_DENSITIES:
         for name in PATTERN_NAMES:
             st.ensure(15.0, f"{name} at density {target}")
