@@ -27,15 +27,6 @@ from ._util import TINY, run_launcher
 main = partial(cli_main, ImageClassifier, ImageClassificationData)  # train/cls.py
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    # seed_everything exports PL_GLOBAL_SEED / PL_SEED_WORKERS; keep them from leaking into other tests.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _exit(args, capsys):
     with pytest.raises(SystemExit) as info:
         main(args)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from functools import partial
 
 import pytest
@@ -28,14 +26,7 @@ TINY_KWARGS = dict(depths=[1, 1, 1, 1], embed_dims=[32, 32, 32, 32])
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    # seed_everything exports PL_GLOBAL_SEED / PL_SEED_WORKERS; keep them from leaking into other tests.
-    saved = dict(os.environ)
-    monkeypatch.setattr(sys, "argv", ["train/cls.py"])  # the CLI parses `args`, not pytest's command line
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+CLI_ARGV = ["train/cls.py"]  # the CLI parses `args`, not pytest's command line (tests/train/conftest.py)
 
 
 def _exit(args, capsys):

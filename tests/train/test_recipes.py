@@ -4,8 +4,6 @@ relative paths, the file's own keys last, nested parts), and the one-line errors
 
 from __future__ import annotations
 
-import os
-import sys
 from functools import partial
 
 import pytest
@@ -94,13 +92,7 @@ DEPARTURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    saved = dict(os.environ)
-    monkeypatch.setattr(sys, "argv", ["train/cls.py"])  # the CLI parses `args`, not pytest's command line
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+CLI_ARGV = ["train/cls.py"]  # the CLI parses `args`, not pytest's command line (tests/train/conftest.py)
 
 
 def _print_config(args, capsys, launch=main) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from functools import partial
 
 import numpy as np
@@ -73,14 +72,7 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    # seed_everything exports PL_GLOBAL_SEED / PL_SEED_WORKERS; keep them from leaking into other tests.
-    saved = dict(os.environ)
-    monkeypatch.setattr(sys, "argv", ["train/seg.py"])  # the CLI parses `args`, not pytest's command line
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+CLI_ARGV = ["train/seg.py"]  # the CLI parses `args`, not pytest's command line (tests/train/conftest.py)
 
 
 def _exit(args, capsys):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from functools import partial
 
 import numpy as np
@@ -56,15 +54,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    # seed_everything exports PL_GLOBAL_SEED / PL_SEED_WORKERS, the recipe sets torch's thread count.
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    monkeypatch.setattr(sys, "argv", ["train/video_dit.py"])
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
+CLI_ARGV = ["train/video_dit.py"]  # the CLI parses `args`, not pytest's command line (tests/train/conftest.py)
 
 
 def test_moving_digits_are_seeded_bounded_and_split():

@@ -283,8 +283,8 @@ class SeededDataModule(LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_set(self) -> Dataset:
-        """The training dataset."""
-        raise NotImplementedError
+        """The training dataset; every data module defines it (the base has no data of its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define train_set()")
 
     def val_set(self) -> Dataset | None:
         """The validation dataset; None for none."""

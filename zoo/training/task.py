@@ -188,8 +188,9 @@ class TrainingTask(LightningModule):
         raise ValueError(f"validate: {cls.__name__} has no validate subcommand; it only fits")
 
     def report_validation(self, metrics: dict[str, Any], weights: str | None) -> dict[str, Any]:
-        """Report the validation `metrics` of the `weights` file; return the figures."""
-        raise NotImplementedError
+        """Report the validation `metrics` of the `weights` file; return the figures. Reached only through a
+        task's own `configure_validation` (the base refuses the subcommand), which a task overrides with this."""
+        raise NotImplementedError(f"{type(self).__name__} overrides configure_validation but not report_validation")
 
     # What leaves at the end of a fit.
 
