@@ -137,6 +137,46 @@ def test_training_step_backpropagates_through_psa():
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("pos_embed", ["rope", "learned"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_psa_tokens_reordered_once_per_forward_give_the_per_layer_result(pos_embed, checkpointing, monkeypatch):
+    # With PSA enabled the model puts its tokens in block order once per forward (`presort_tokens`); PSA's own
+    # per-layer reorder must give the same output and gradients, with the rotary angles travelling with the tokens
+    # and under gradient checkpointing (whose recomputation must see the same order).
+    model = _model(attention="psa", pos_embed=pos_embed, psa_config=PSAConfig(warmup_steps=0, **SMALL_PSA).to_dict())
+    model.eval()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    x, t, labels = torch.randn(2, 3, 4, 16, 16), torch.tensor([600.0, 200.0]), torch.tensor([2, 4])
+    calls = []
+    psa = psa_state(model).psa
+    monkeypatch.setattr(type(psa), "forward", _recording(type(psa).forward, calls))
+    results = []
+    for presort in (True, False):
+        monkeypatch.setattr(model, "presort_tokens", presort)
+        model.zero_grad()
+        calls.clear()
+        with torch.enable_grad():
+            out = model(x, t, labels).sample
+            out.square().mean().backward()
+        # Presorted: PSA is told no grid (no reorder of its own); per layer: it gets the grid every call.
+        assert calls and all((grid is None) == presort for grid in calls)
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert not torch.equal(results[0][0], torch.zeros_like(results[0][0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for got, want in zip(*(r[1] for r in results), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _recording(forward, calls: list):
+    def wrapped(self, q, k, v, grid=None, *args, **kwargs):
+        calls.append(grid)
+        return forward(self, q, k, v, grid, *args, **kwargs)
+
+    return wrapped
+
+
 def test_learned_positions_and_patch_in_time():
     pipe = _pipe(pos_embed="learned", patch_size=(2, 2, 2), max_grid=(4, 8, 8))
     assert _frames(pipe).shape == (2, 4, 16, 16, 3)

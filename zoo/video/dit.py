@@ -36,6 +36,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, trunc_normal_
 
 from zoo.blocks.pyramid_sparse import PSAConfig, apply_rotary_interleaved
+from zoo.blocks.video_order import video_token_order
 
 __all__ = ["VIDEO_DIT_SIZES", "VideoDiT", "VideoDiTAttnProcessor", "VideoDiTAttention", "VideoDiTBlock"]
 
@@ -122,11 +123,14 @@ class VideoDiTAttention(nn.Module, AttentionModuleMixin):
         hidden_states: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         denoising_step: int | None = None,
+        presorted: bool = False,
     ) -> torch.Tensor:
         """Args:
             hidden_states: (B, T, H, W, C).
-            rotary_emb: (cos, sin), each (T*H*W, head_dim), rotary angles of the row-major tokens.
+            rotary_emb: (cos, sin), each (T*H*W, head_dim), rotary angles of the tokens (in their order).
             denoising_step: the sampling step, for PSA's dense warm-up.
+            presorted: the tokens are laid out in PSA's block order (`VideoDiT` reorders them once per forward when
+                PSA is enabled), not row-major; only PSA's processor is told.
 
         Returns:
             (B, T, H, W, C).
@@ -135,7 +139,8 @@ class VideoDiTAttention(nn.Module, AttentionModuleMixin):
             raise ValueError(
                 f"VideoDiTAttention expects (B, T, H, W, {self.qkv.in_features}), got {tuple(hidden_states.shape)}"
             )
-        return self.processor(self, hidden_states, rotary_emb=rotary_emb, denoising_step=denoising_step)
+        extra = {"presorted": True} if presorted else {}
+        return self.processor(self, hidden_states, rotary_emb=rotary_emb, denoising_step=denoising_step, **extra)
 
 
 class VideoDiTBlock(nn.Module):
@@ -150,11 +155,16 @@ class VideoDiTBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, step: int | None
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        step: int | None,
+        presorted: bool = False,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
         x = x + gate1[:, None, None, None] * self.attn(
-            _modulate(self.norm1(x), shift1, scale1), rotary_emb=rope, denoising_step=step
+            _modulate(self.norm1(x), shift1, scale1), rotary_emb=rope, denoising_step=step, presorted=presorted
         )
         return x + gate2[:, None, None, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
@@ -185,6 +195,8 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # With PSA enabled, put the tokens in PSA's block order once per forward rather than in every layer (same result).
+    presort_tokens = True
 
     @register_to_config
     def __init__(
@@ -299,6 +311,26 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             -1, sum(self.rope_dims)
         ).to(**to)
 
+    def _psa_token_order(
+        self, grid: tuple[int, int, int], device: torch.device, step: int | None
+    ) -> torch.Tensor | None:
+        """PSA's token order for this grid when PSA with a reorder is enabled on every block and `step` is past the
+        dense warm-up (which runs the original processors on the tokens as they are); else None.
+
+        PSA would put the tokens in block order and back in every layer; the blocks are per-token except for
+        attention (rotary angles travel with the tokens), so the model does it once per forward instead (measured
+        on the digits recipe's model: 6 of every 50 ms of a layer's PSA forward+backward were the reorder).
+        `presort_tokens = False` keeps the per-layer reorder (the same result).
+        """
+        from .psa import PSAAttnProcessor, psa_state  # psa.py imports this module
+
+        state = psa_state(self) if self.presort_tokens else None
+        if state is None or state.config.reorder == "none" or state.dense_at(step):
+            return None
+        if not all(isinstance(block.attn.processor, PSAAttnProcessor) for block in self.blocks):
+            return None
+        return video_token_order(grid, state.config.reorder, state.config.tile_size).to(device)
+
     def _check(self, hidden_states: torch.Tensor, class_labels: torch.Tensor) -> tuple[int, int, int]:
         cfg = self.config
         if hidden_states.dim() != 5 or hidden_states.shape[1] != cfg.in_channels:
@@ -352,11 +384,18 @@ class VideoDiT(ModelMixin, ConfigMixin, AttentionMixin):
             x = x + self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]
         else:
             rope = self._rope(grid, x.device)
+        order = self._psa_token_order(grid, x.device, denoising_step)
+        if order is not None:  # everything but attention is per token: reorder once here, not in every layer
+            x = x.reshape(b, -1, x.shape[-1]).index_select(1, order).view(x.shape)
+            rope = None if rope is None else tuple(r.index_select(0, order) for r in rope)
+        presorted = order is not None
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, rope, denoising_step)
+                x = self._gradient_checkpointing_func(block, x, c, rope, denoising_step, presorted)
             else:
-                x = block(x, c, rope, denoising_step)
+                x = block(x, c, rope, denoising_step, presorted)
+        if order is not None:
+            x = x.reshape(b, -1, x.shape[-1]).index_select(1, torch.argsort(order)).view(x.shape)
         shift, scale = self.modulation_out(c).chunk(2, dim=-1)
         x = self.proj_out(_modulate(self.norm_out(x), shift, scale))  # (B, T', H', W', pt*ph*pw*C)
         pt, ph, pw = self.patch

@@ -170,9 +170,12 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 class _AttentionToPSA(TorchFunctionMode):
     """Computes the `scaled_dot_product_attention` calls of one processor call with PSA (see the module docstring)."""
 
-    def __init__(self, state: PSAState, layer: int, grid: tuple[int, int, int], text: str | None):
+    def __init__(
+        self, state: PSAState, layer: int, grid: tuple[int, int, int], text: str | None, presorted: bool = False
+    ):
         super().__init__()
         self.state, self.layer, self.grid, self.text = state, layer, grid, text
+        self.presorted = presorted  # the tokens come in PSA's block order already: no reorder
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -202,7 +205,8 @@ class _AttentionToPSA(TorchFunctionMode):
         text = length - video
         if self.text == "last" and text:  # PSA takes the text first
             q, k, v = (torch.cat([x[:, :, video:], x[:, :, :video]], dim=2) for x in (q, k, v))
-        out = self.state.psa(q, k, v, grid=self.grid, num_text_tokens=text, scale=scale)
+        grid = None if self.presorted else self.grid
+        out = self.state.psa(q, k, v, grid=grid, num_text_tokens=text, scale=scale)
         self.state.densities[self.layer] = self.state.psa.last_density
         if self.text == "last" and text:
             out = torch.cat([out[:, :, text:], out[:, :, :text]], dim=2)
@@ -272,6 +276,9 @@ class PSAAttnProcessor:
         self.original._parallel_config = config
 
     def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs):
+        # The zoo's VideoDiT puts its tokens in PSA's block order once per forward and says so (`presorted`); the
+        # wrapped processor does not take that argument.
+        presorted = kwargs.pop("presorted", False)
         if "denoising_step" in kwargs:  # the zoo's VideoDiT: (B, T, H, W, C) and the step as an argument
             grid, step = tuple(hidden_states.shape[1:4]), kwargs["denoising_step"]
         else:
@@ -286,7 +293,7 @@ class PSAAttnProcessor:
                 f"PSA replaces torch's scaled_dot_product_attention, which the attention backend {backend!r} does not "
                 "call; use the default backend (model.reset_attention_backend()) with PSA"
             )
-        mode = _AttentionToPSA(self.state, self.layer, grid, self.text)
+        mode = _AttentionToPSA(self.state, self.layer, grid, self.text, presorted)
         with mode:
             out = self.original(attn, hidden_states, *args, **kwargs)
         if not mode.calls:
