@@ -102,11 +102,11 @@ def time_interleaved(name: str, batch: int, threads: int, rounds: int, cpu_clock
     return times
 
 
-def _attention_only_child(name: str, batch: int, rounds: int, queue) -> None:
+def _recorded_attention_calls(name: str, batch: int) -> tuple[list, list[nn.Module]]:
+    """Every attention layer of the zoo model with the inputs it got in one forward, and its anchor."""
     from zoo.blocks.cross_shaped import CrossShapedWindowAttention
     from zoo.blocks.hilo import HiLoAttention
 
-    torch.set_num_threads(1)
     model = _build(name, "zoo")
     calls = []
     kinds = (CrossShapedWindowAttention, HiLoAttention)
@@ -122,6 +122,12 @@ def _attention_only_child(name: str, batch: int, rounds: int, queue) -> None:
     anchors = [
         OfficialCSWinAttention(m) if isinstance(m, CrossShapedWindowAttention) else OfficialHiLo(m) for m, _ in calls
     ]
+    return calls, anchors
+
+
+def _attention_only_child(name: str, batch: int, rounds: int, queue) -> None:
+    torch.set_num_threads(1)
+    calls, anchors = _recorded_attention_calls(name, batch)
     sides = {"zoo": [m for m, _ in calls], "official": anchors}
     times: dict[str, list[float]] = {side: [] for side in sides}
     with torch.no_grad():
@@ -145,6 +151,63 @@ def attention_only(name: str, batch: int, rounds: int) -> tuple[int, dict[str, l
     result = queue.get()
     proc.join()
     return result
+
+
+# What the attention layers spend their time on, by op (self CPU time under torch.profiler).
+_PARTS = {
+    "aten::addmm": "q/k/v and output projections (the Linear GEMMs)",
+    "aten::mm": "q/k/v and output projections (the Linear GEMMs)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA, or q @ k^T, softmax, @ v)",
+    "aten::bmm": "attention (SDPA, or q @ k^T, softmax, @ v)",
+    "aten::_softmax": "attention (SDPA, or q @ k^T, softmax, @ v)",
+    "aten::mul": "attention (SDPA, or q @ k^T, softmax, @ v)",
+    "aten::mkldnn_convolution": "LePE convolution, Lo-Fi pooling",
+    "aten::avg_pool2d": "LePE convolution, Lo-Fi pooling",
+    "aten::copy_": "layout copies (reshape, contiguous, cat)",
+    "aten::cat": "layout copies (reshape, contiguous, cat)",
+    "aten::add": "element-wise adds (LePE, bias)",
+    "aten::add_": "element-wise adds (LePE, bias)",
+}
+_OTHER = "everything else (dispatch, views, allocation)"
+
+
+def _breakdown_child(name: str, batch: int, rounds: int, queue) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    calls, anchors = _recorded_attention_calls(name, batch)
+    sides = {"official": anchors, "zoo": [m for m, _ in calls]}
+    seen: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    with torch.no_grad():
+        for i in range(rounds + 1):  # the first round warms up; the sides alternate, as the load drifts
+            for side, modules in sides.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for module, (_, args) in zip(modules, calls, strict=True):
+                        module(*args)
+                if not i:
+                    continue
+                totals: dict[str, float] = {}
+                for event in prof.key_averages():
+                    key = _PARTS.get(event.key, _OTHER)
+                    totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total / 1e3
+                for key, ms in totals.items():
+                    seen[side].setdefault(key, []).append(ms)
+    # The least disturbed round of each part: other jobs on a shared machine only ever add time.
+    queue.put({side: {key: min(ms) for key, ms in parts.items()} for side, parts in seen.items()})
+
+
+def attention_breakdown(name: str, batch: int, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Milliseconds per part (projections, attention, copies, ...) of one pass over every attention layer of the
+    model, anchor and zoo, one thread, under torch.profiler in a fresh process (each part's cheapest of `rounds`
+    alternated passes): shows how much of the anchor's time is the projections that both sides run alike, which
+    bounds the speed-up any attention path can reach."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_breakdown_child, args=(name, batch, rounds, queue))
+    proc.start()
+    parts = queue.get()
+    proc.join()
+    return parts
 
 
 def _check_equal_child(name: str, queue) -> None:
@@ -260,6 +323,39 @@ def _hilo_parts(batch: int = 8, threads: int = 1) -> list[tuple[str, float]]:
     return rows
 
 
+def _breakdown_table(sizes: list[str], batch: int) -> str:
+    """Markdown table of `attention_breakdown` for each size, and the speed-up ceiling it implies."""
+    parts = {name: attention_breakdown(name, batch) for name in sizes}
+    labels = list(dict.fromkeys(_PARTS.values())) + [_OTHER]
+    lines = [
+        "| part (CPU ms, one pass, profiled) | "
+        + " | ".join(f"`zoo_{n}` official | `zoo_{n}` zoo" for n in sizes)
+        + " |",
+        "|---|" + "---:|" * (2 * len(sizes)),
+    ]
+    for label in labels:
+        cells = [f"{parts[n][side].get(label, 0.0):.0f}" for n in sizes for side in ("official", "zoo")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    totals = {(n, side): sum(parts[n][side].values()) for n in sizes for side in ("official", "zoo")}
+    lines.append(
+        "| **total** | "
+        + " | ".join(f"**{totals[n, side]:.0f}**" for n in sizes for side in ("official", "zoo"))
+        + " |"
+    )
+    ceilings = []
+    for n in sizes:
+        official = parts[n]["official"]
+        free = totals[n, "official"] / official.get(labels[0], 0.0)
+        kernels = totals[n, "official"] / (official.get(labels[0], 0.0) + official.get(labels[1], 0.0))
+        ceilings.append(f"`zoo_{n}` x{free:.2f} with attention free, x{kernels:.2f} at the anchor's attention cost")
+    lines += [
+        "",
+        "Ceiling on the speed-up of the attention layers (the anchor's total over its projections, alone or with its "
+        "attention kernels, i.e. LePE, pooling, copies and dispatch for free): " + "; ".join(ceilings) + ".",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(MODELS), choices=MODELS)
@@ -291,6 +387,8 @@ def main() -> None:
         ]
     )
     print(attention_table)
+    breakdown_table = _breakdown_table(args.sizes, args.batch)
+    print(breakdown_table)
 
     rows = []
     for name in args.sizes:
@@ -352,6 +450,7 @@ def main() -> None:
             threads=args.threads,
             table=table,
             attention_table=attention_table,
+            breakdown=breakdown_table,
             profile=profile_table,
             total=total,
             parts=parts_table,
@@ -380,6 +479,13 @@ forward (batch {batch}), the zoo module against the anchor over the same weights
 process CPU time on one thread (medians; the ratio is the median of the per-round ratios).
 
 {attention_table}
+
+Where those layers spend their time, by op: one pass over every attention layer of each model, anchor and zoo,
+one thread, self CPU time under torch.profiler (which adds a little to every op). Both sides run the same
+q/k/v and output projections (the zoo splits CSWin's q/k/v GEMM by branch, the same FLOPs), so the
+projections bound the speed-up that any attention path can give.
+
+{breakdown}
 
 Where `zoo_litv2_s` spends its inference time (torch.profiler, one batch-{batch} forward on one thread,
 {total:.0f} ms under the profiler). Stage 3 uses HiLo with s = 2 (Hi-Fi + Lo-Fi), stage 4 s = 1, where
