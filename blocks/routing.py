@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from zoo.kernels import block_sparse_attention
-from zoo.kernels.fused_pointwise import linear
+from zoo.kernels.fused_pointwise import conv_add, linear
 
-from ._layout import pad_to_multiple
+from ._layout import pad_to_multiple, window_partition, window_reverse
 
 __all__ = ["BiLevelRoutingAttention", "GlobalAttentionLePE", "route_regions"]
 
@@ -108,19 +108,20 @@ class BiLevelRoutingAttention(nn.Module):
         wh, ww = hp // n, wp // n
         tokens = wh * ww
 
-        qkv = linear(x, self.qkv)
-        # Region partition of the projected map in one copy of whole token rows (the channels stay innermost:
-        # moving the heads out as well in the same copy is several times slower on the CPU), then the head
-        # split as strided views: the op takes them as they are (the masked form of short maps never copies
-        # them; the others lay them out as they need).
-        # Sizes explicit (not -1): a batch of 0 images reshapes too.
-        chans = qkv.shape[-1]
-        regions = qkv.view(b, n, wh, n, ww, chans).transpose(2, 3).reshape(b, n * n, tokens, chans)
+        # Region partition of the input, before the projection: one copy of C channels per token instead of the
+        # 2 * qk_dim + C of the projected map (the rows of a GEMM are independent, so the projection of the
+        # partitioned map is the partition of the projection). The channels stay innermost: moving the heads out
+        # in one copy is several times slower on the CPU.
+        x = window_partition(x, (wh, ww)).flatten(1, 3)
+        qkv = linear(x, self.qkv)  # (B, R * L, 2 * qk_dim + C), region by region
+        regions = qkv.view(b, n * n, tokens, qkv.shape[-1])
         means = regions[..., : 2 * self.qk_dim].mean(2)  # (B, R, 2 * qk_dim): region means of q and k
         region_index = route_regions(means[..., : self.qk_dim], means[..., self.qk_dim :], self.topk, self.scale)
+        # The head split as strided views: the op takes them as they are (the masked form of short maps never
+        # copies them; the others lay them out as they need).
         q, k, v_regions = (
-            t.unflatten(-1, (heads, t.shape[-1] // heads)).flatten(1, 2).transpose(1, 2)  # (B, h, R * L, d)
-            for t in regions.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+            t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)  # (B, h, R * L, d)
+            for t in qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         )
 
         # Routed attention is block-sparse attention with one block per region and the routing index as the
@@ -135,10 +136,12 @@ class BiLevelRoutingAttention(nn.Module):
             scale=self.scale,
         )
         # (B, h, R * L, d) -> (B, Hp, Wp, h * d): head merge, then window reverse with the channels innermost.
-        out = out.transpose(1, 2).reshape(b, n, n, wh, ww, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
+        out = window_reverse(out.transpose(1, 2).reshape(b, n * n, wh, ww, self.dim), (n, n))
         if self.lepe is not None:
-            v = qkv[..., 2 * self.qk_dim :]
-            out = out + _channels_last(self.lepe(_channels_first(v)))
+            # V back in map order (the copy the depthwise conv needs anyway), and the sum with the attention output
+            # as the conv's post-op (zoo.kernels.fused_pointwise, CPU inference).
+            v = window_reverse(qkv[..., 2 * self.qk_dim :].unflatten(1, (n * n, wh, ww)), (n, n))
+            out = _channels_last(conv_add(_channels_first(v), self.lepe, _channels_first(out)))
         out = linear(out, self.proj)
         if pad_b or pad_r:
             out = out[:, :height, :width].contiguous()
