@@ -67,8 +67,10 @@ def row_stripe_attention(
         attn, pos = attn[:, pad // 2 : pad // 2 + r], pos[:, pad // 2 : pad // 2 + r]
     if out is None:
         return attn + pos
-    if torch.is_grad_enabled() and (attn.requires_grad or pos.requires_grad):
-        return out.copy_(attn + pos)  # `add(out=)` has no autograd; a copy into the view has
+    # `add(out=)` has no autograd and Dynamo does not trace it into a strided view; a copy into the view is
+    # traced and differentiated (and the compiler fuses it with the add).
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (attn.requires_grad or pos.requires_grad)):
+        return out.copy_(attn + pos)
     return torch.add(attn, pos, out=out)
 
 
