@@ -285,10 +285,9 @@ def block_importance(
     qs = q[:, :, qi.flatten()].view(b, h, mq, nq, d)
     ks_t = k[:, :, ki.flatten()].transpose(-1, -2)
     key_pos = ki.flatten()
-    # Slabs of query blocks whose logits stay near 2 Mi elements (8 MiB in fp32): large enough for one efficient
-    # matmul, small enough not to stream every logit through memory twice (1.4-1.6x faster than one slab at
-    # 6,144-12,288 tokens, one thread, benchmarks/sparse_attention_cpu.py's PSA shapes).
-    chunk = max(1, min(mq, 2**21 // max(1, b * h * nq * mk * nk)))
+    # Bound the (sampled queries x sampled keys) logits held at once to ~64 Mi elements. Smaller slabs measured
+    # 1.2x faster on one thread but up to 2x slower on two threads of a loaded machine.
+    chunk = max(1, min(mq, 2**26 // max(1, b * h * nq * mk * nk)))
     importance = torch.empty(b, h, mq, mk, dtype=torch.float32, device=q.device)
     for s in range(0, mq, chunk):
         part = qs[:, :, s : s + chunk]
