@@ -10,7 +10,9 @@ fp32; the attention rows at batch 1. Rows:
   video grids of 8 x 24 x 32 = 6,144 and 16 x 24 x 32 = 12,288 tokens, 4 heads of 64: the module end to end
   (token reorder, planning, op, restore) and the op alone on the planned levels;
 - a training step of the video DiT digits recipe (configs/video/video_dit_digits.yaml: its model, PSA config
-  and batch; random weights and clips) with PSA against the same model with dense attention.
+  and batch; random weights and clips) with PSA against the same model with dense attention;
+- floors: SDPA alone on keys already gathered as PSA gathers them (6,144 tokens; the digits recipe's 32-query blocks)
+  and PSA's planning alone, each against dense SDPA: what the gathered form cannot go below.
 
 Inference runs under `torch.no_grad()`; forward+backward sums the output and calls backward. Speed is dense
 time / sparse time (above 1: sparse is faster); each cell is the median of `--rounds` alternated pairs.
