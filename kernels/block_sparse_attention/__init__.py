@@ -50,9 +50,14 @@ _FLEX_MIN_BLOCK = 32
 
 
 # On the CPU, a call whose masked dense form holds at most this many (query, pyramid key) pairs per head takes
-# it: gathering costs more than the keys it saves there (measured: BiFormer's 196-token third stage, 4-token
-# regions, a third routed, 2-3x faster masked; its 784-token second stage, a twelfth routed, 2-3x faster gathered).
+# it: gathering costs more than the keys it saves there. Training: BiFormer's 196-token third stage (4-token
+# regions, a third routed: 38,416 pairs) 2x faster masked; its 784-token second stage (a twelfth routed) 2-3x
+# faster gathered. In inference the gathered form of short query blocks needs no empty-row guard without a mask,
+# and BiFormer's third stage runs as fast or faster gathered (its BRA layer, 2 threads: -T/S 13.5 -> 12.5 ms, -B
+# 22.7 -> 22.6 ms; 1 thread 3.5% faster), so the inference bound lies below it; smaller calls were not measured
+# again and keep the masked form.
 _MASKED_MAX_PAIRS = 2**16
+_MASKED_MAX_PAIRS_INFERENCE = 2**15
 
 
 def _masked_pairs(lq: int, lk: int, block_k: int, num_levels: int) -> int:
@@ -63,10 +68,11 @@ def _masked_pairs(lq: int, lk: int, block_k: int, num_levels: int) -> int:
 
 def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: bool, pairs: int = 0) -> str:
     """The fastest PyTorch form, as measured (benchmarks/sparse_attention_cpu.py, benchmarks/biformer_vs_official.py):
-    on the CPU the masked dense form for small calls (`pairs` below `_MASKED_MAX_PAIRS`); FlexAttention where it
+    on the CPU the masked dense form for small calls (`pairs` up to `_MASKED_MAX_PAIRS`, in inference
+    `_MASKED_MAX_PAIRS_INFERENCE`); FlexAttention where it
     has the pass, the blocks are large enough and no entry is pooled (pooled slots of several key blocks share one
     of its mask blocks, so the gathered slots with one fused SDPA are faster on the CPU); else gather."""
-    if device == "cpu" and pairs <= _MASKED_MAX_PAIRS:
+    if device == "cpu" and pairs <= (_MASKED_MAX_PAIRS if grad else _MASKED_MAX_PAIRS_INFERENCE):
         return "masked"
     if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
         return "gather"
