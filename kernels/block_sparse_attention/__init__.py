@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .._backend import kernel_backend, needs_grad, select_backend
 from .reference import block_sparse_attention_reference
 from .torch_impl import (
+    EXPLICIT_MAX_LOGITS,
     FlexCompileError,
     block_sparse_attention_flex,
     block_sparse_attention_gather,
@@ -66,15 +67,22 @@ def _masked_pairs(lq: int, lk: int, block_k: int, num_levels: int) -> int:
     return lq * sum(blocks * -(-block_k // (1 << p)) for p in range(num_levels))
 
 
-def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: bool, pairs: int = 0) -> str:
+def _torch_form(
+    device: str, grad: bool, block_q: int, block_k: int, pooled: bool, pairs: int = 0, narrow: bool = False
+) -> str:
     """The fastest PyTorch form, as measured (benchmarks/sparse_attention_cpu.py, benchmarks/biformer_vs_official.py):
     on the CPU the masked dense form for small calls (`pairs` up to `_MASKED_MAX_PAIRS`, in inference
-    `_MASKED_MAX_PAIRS_INFERENCE`); FlexAttention where it
+    `_MASKED_MAX_PAIRS_INFERENCE`); gather in CPU inference for `narrow` rows (unmasked, at most
+    `EXPLICIT_MAX_LOGITS` logits per query block); FlexAttention where it
     has the pass, the blocks are large enough and no entry is pooled (pooled slots of several key blocks share one
     of its mask blocks, so the gathered slots with one fused SDPA are faster on the CPU); else gather."""
     if device == "cpu" and pairs <= (_MASKED_MAX_PAIRS if grad else _MASKED_MAX_PAIRS_INFERENCE):
         return "masked"
     if not flex_available() or min(block_q, block_k) < _FLEX_MIN_BLOCK:
+        return "gather"
+    if device == "cpu" and not grad and narrow:
+        # Written out (EXPLICIT_MAX_LOGITS) the gathered form beats FlexAttention: BiFormer's first stage (64-token
+        # regions, one routed) BRA layer at 2 threads 37.7 -> 30.9 ms (-B), 24.0 -> 21.5 ms (-T/S).
         return "gather"
     if device == "cuda":
         # Inductor's CUDA FlexAttention tiles blocks by powers of two (it rejects 48- or 49-token blocks).
@@ -84,22 +92,26 @@ def _torch_form(device: str, grad: bool, block_q: int, block_k: int, pooled: boo
     return "gather"
 
 
-def _backend_for(q, k, v, bias, block_q: int, block_k: int, num_levels: int) -> str:
+def _backend_for(q, k, v, kv_index, bias, block_q: int, block_k: int, num_levels: int, causal: bool) -> str:
     pooled = num_levels > 1
     pairs = _masked_pairs(q.shape[2], k.shape[2], block_k, num_levels)
+    # Unmasked rows short enough for the gathered form's written-out attention (no bias, one level, not causal).
+    narrow = (
+        bias is None and not pooled and not causal and block_q * kv_index.shape[-1] * block_k <= EXPLICIT_MAX_LOGITS
+    )
 
     def auto(device: str, grad: bool) -> str:
         from .._backend import triton_available
 
         if device == "cuda" and triton_available():
             return "triton"  # the peer of FlexAttention on CUDA: benchmarks/gpu.sh measures both
-        return _torch_form(device, grad, block_q, block_k, pooled, pairs)
+        return _torch_form(device, grad, block_q, block_k, pooled, pairs, narrow)
 
     inputs = [t for t in (q, k, v, bias) if t is not None]  # a bias that requires grad makes it training too
     backend = select_backend("block_sparse_attention", *inputs, backends=OP_BACKENDS, auto=auto)
     if backend == "torch":
         device = "cuda" if q.is_cuda else q.device.type
-        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled, pairs)
+        backend = _torch_form(device, needs_grad(q, k, v, bias), block_q, block_k, pooled, pairs, narrow)
         if not torch.compiler.is_compiling():
             logging.getLogger("zoo.kernels").debug("block_sparse_attention: torch path is %s", backend)
     if backend in ("flex", "triton") and q.device.type == "meta":
@@ -246,7 +258,7 @@ def block_sparse_attention(
         if needs_grad(q, k, v, bias):
             out = out + sum(t.flatten()[:0].sum() for t in (q, k, v, bias) if t is not None)
         return out
-    backend = _backend_for(q, k, v, bias, block_q, block_k, num_levels)
+    backend = _backend_for(q, k, v, kv_index, bias, block_q, block_k, num_levels, causal)
     if backend == "triton":
         from .triton_impl import block_sparse_attention_triton
 

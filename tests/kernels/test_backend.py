@@ -9,24 +9,26 @@ from zoo.kernels import BACKENDS, block_sparse_attention
 from zoo.kernels._backend import kernel_backend, select_backend
 
 
-def _call(grad: bool, block: int, blocks: int = 2):
+def _call(grad: bool, block: int, blocks: int = 2, per_row: int = 1):
     q, k, v = (torch.randn(1, 2, blocks * block, 8, requires_grad=grad) for _ in range(3))
-    index = torch.arange(blocks).view(1, 1, blocks, 1)
+    index = (torch.arange(blocks).view(1, 1, blocks, 1) + torch.arange(per_row)) % blocks
     return block_sparse_attention(q, k, v, index, block_q=block, block_k=block)
 
 
 @pytest.mark.parametrize(
-    "grad, block, blocks, expected",
+    "grad, block, blocks, per_row, expected",
     [
-        (False, 64, 32, "flex"),
-        (True, 64, 32, "gather"),
-        (False, 16, 64, "gather"),
-        (True, 16, 64, "gather"),
-        (False, 64, 2, "masked"),
-        (True, 16, 4, "masked"),
+        (False, 64, 32, 2, "flex"),
+        (False, 64, 32, 1, "gather"),
+        (True, 64, 32, 1, "gather"),
+        (False, 16, 64, 1, "gather"),
+        (True, 16, 64, 1, "gather"),
+        (False, 64, 2, 1, "masked"),
+        (True, 16, 4, 1, "masked"),
     ],
     ids=[
         "inference-large-blocks",
+        "inference-rows-of-one-64-token-block",
         "training",
         "inference-small-blocks",
         "training-small-blocks",
@@ -35,10 +37,12 @@ def _call(grad: bool, block: int, blocks: int = 2):
     ],
 )
 @pytest.mark.parametrize("requested", ["auto", "torch"])
-def test_cpu_choice_by_grad_mode_block_size_and_length(requested, grad, block, blocks, expected, monkeypatch, caplog):
+def test_cpu_choice_by_grad_mode_block_size_and_length(
+    requested, grad, block, blocks, per_row, expected, monkeypatch, caplog
+):
     monkeypatch.setenv("ZOO_KERNELS", requested)
     with caplog.at_level("DEBUG", logger="zoo.kernels"), torch.set_grad_enabled(grad):
-        _call(grad, block, blocks)
+        _call(grad, block, blocks, per_row)
     assert f"block_sparse_attention: {expected} path" in caplog.text or f"torch path is {expected}" in caplog.text
 
 
@@ -117,9 +121,10 @@ def test_flex_that_cannot_compile_falls_back_to_gather(monkeypatch):
     monkeypatch.setattr(torch_impl, "_compiled_flex", no_compiler)
     monkeypatch.setattr(torch_impl, "_flex_failed", [])
     monkeypatch.setenv("ZOO_KERNELS", "auto")
-    # Long enough that auto takes FlexAttention, not the masked dense form of short sequences.
+    # Long enough that auto takes FlexAttention, not the masked dense form of short sequences, and rows of two
+    # blocks (rows of one 64-token block take the gather path).
     q, k, v = (torch.randn(1, 2, 2048, 16) for _ in range(3))
-    index = torch.arange(32).view(1, 1, 32, 1)
+    index = (torch.arange(32).view(1, 1, 32, 1) + torch.arange(2)) % 32
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention could not be compiled"):
         out = block_sparse_attention(q, k, v, index, block_q=64, block_k=64)
     monkeypatch.setenv("ZOO_KERNELS", "gather")
