@@ -46,6 +46,10 @@ __all__ = [
 # slabs as large as K or 16 MiB: the 10%-block op on 8,192 tokens 1.6-2x faster, PSA's op 1.36x at 6,144 tokens
 # and 1.14x at 12,288 (2 threads); 2^18 to 2^20 measured alike, 2^21 and above slower.
 SLAB_ELEMENTS = 2**19
+# Query rows per slab (per image and head), at least: a slab costs a dozen small ops whatever its size, which
+# dominate slabs of tiny query blocks. BiFormer's third stage (4-query regions, 64 keys each, 2 threads): 2 -> 5
+# blocks per slab, its BRA layer 20.5 -> 18.6 ms (-B, 12 heads), 11.6 -> 11.1 ms (-T/S); 10 blocks: 23.7 ms.
+MIN_SLAB_QUERIES = 20
 # FlexAttention recompiles per shape; a model calls it at a few shapes per resolution (BiFormer: 3 stages).
 _FLEX_RECOMPILE_LIMIT = 64
 
@@ -294,11 +298,12 @@ def _attend_lse(q_blocks: torch.Tensor, listed: tuple, part: slice, scale: float
     return torch.matmul(weights, values.float()).to(values.dtype), lse
 
 
-def _query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int) -> int:
-    """Query blocks per slab: one slab's gathered keys hold about `SLAB_ELEMENTS` elements (one block at least)."""
+def _query_block_chunk(k: torch.Tensor, num_q_blocks: int, kept_tokens: int, block_q: int) -> int:
+    """Query blocks per slab: one slab's gathered keys hold about `SLAB_ELEMENTS` elements, and the slab at least
+    `MIN_SLAB_QUERIES` query rows (one block at least)."""
     b, h, _, d = k.shape
     per_block = max(1, b * h * kept_tokens * d)
-    return max(1, min(num_q_blocks, SLAB_ELEMENTS // per_block))
+    return max(1, min(num_q_blocks, max(SLAB_ELEMENTS // per_block, _cdiv(MIN_SLAB_QUERIES, block_q))))
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -338,7 +343,7 @@ def block_sparse_attention_gather(
     # not once per slab (head-split views of a projection, say).
     listed = listed._replace(keys=listed.keys.contiguous(), values=listed.values.contiguous())
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = query_block_chunk or _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit)
+    chunk = query_block_chunk or _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit, block_q)
     if chunk >= mq or needs_grad(q, k, v, bias):
         out = _attend(q_blocks, listed, slice(None), scale)
     else:
@@ -513,7 +518,7 @@ def block_sparse_attention_flex(
     b, h, lq, d = q.shape
     mq = _cdiv(lq, block_q)
     q_blocks = _pad_tokens(q, mq * block_q).view(b, h, mq, block_q, d)
-    chunk = mq if needs_grad(q, k, v, bias) else _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit)
+    chunk = mq if needs_grad(q, k, v, bias) else _query_block_chunk(k, mq, listed.rows.shape[-1] * listed.unit, block_q)
     parts = [
         _attend_lse(q_blocks[:, :, s : s + chunk], listed, slice(s, s + chunk), scale) for s in range(0, mq, chunk)
     ]
