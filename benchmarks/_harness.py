@@ -105,9 +105,18 @@ def measure_in_subprocess(
     Returns:
         (median seconds per call, peak resident memory of one call above the post-setup level, in MiB).
     """
+    return in_fresh_process(_child, setup, threads, warmup, iters)
+
+
+def in_fresh_process(target: Callable[..., None], *args):
+    """`target(*args, queue)` in a fresh (spawned) process; returns what it puts on the queue.
+
+    Fresh, not forked: Linux carries a process's peak RSS across fork and exec, and a parent grown by building
+    models would show up in every memory measurement of its children. `target` must be picklable.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(setup, threads, warmup, iters, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()

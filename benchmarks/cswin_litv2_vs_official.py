@@ -24,7 +24,6 @@ if not __package__:  # run as a file, `benchmarks` and `tests` would not import
 
 import argparse
 import functools
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks._harness import measure_in_subprocess, write_section
+from benchmarks._harness import in_fresh_process, measure_in_subprocess, write_section
 from tests.anchors.cswin_litv2_official import OfficialCSWinAttention, OfficialHiLo, swap_official_attention
 
 MODELS = ("cswin_t", "cswin_s", "cswin_b", "cswin_l", "litv2_s", "litv2_m", "litv2_b")
@@ -93,13 +92,7 @@ def time_interleaved(name: str, batch: int, threads: int, rounds: int, cpu_clock
     meaningful on a shared machine where absolute times drift. With `cpu_clock` the process's CPU time
     is measured instead of wall time (meaningful with one thread: it ignores time spent descheduled).
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_interleaved_child, args=(name, batch, threads, rounds, cpu_clock, queue))
-    proc.start()
-    times = queue.get()
-    proc.join()
-    return times
+    return in_fresh_process(_interleaved_child, name, batch, threads, rounds, cpu_clock)
 
 
 def _recorded_attention_calls(name: str, batch: int) -> tuple[list, list[nn.Module]]:
@@ -144,13 +137,7 @@ def _attention_only_child(name: str, batch: int, rounds: int, queue) -> None:
 def attention_only(name: str, batch: int, rounds: int) -> tuple[int, dict[str, list[float]]]:
     """CPU seconds of every attention layer of the model on its own inputs (recorded in one forward), zoo
     module against the anchor, alternated, one thread, in a fresh process: the attention path alone."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_attention_only_child, args=(name, batch, rounds, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_attention_only_child, name, batch, rounds)
 
 
 # What the attention layers spend their time on, by op (self CPU time under torch.profiler).
@@ -201,13 +188,7 @@ def attention_breakdown(name: str, batch: int, rounds: int = 3) -> dict[str, dic
     model, anchor and zoo, one thread, under torch.profiler in a fresh process (each part's cheapest of `rounds`
     alternated passes): shows how much of the anchor's time is the projections that both sides run alike, which
     bounds the speed-up any attention path can reach."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_breakdown_child, args=(name, batch, rounds, queue))
-    proc.start()
-    parts = queue.get()
-    proc.join()
-    return parts
+    return in_fresh_process(_breakdown_child, name, batch, rounds)
 
 
 def _check_equal_child(name: str, queue) -> None:
@@ -225,13 +206,7 @@ def check_equal(name: str) -> float:
     Runs in a fresh process: Linux carries a process's peak RSS across fork and exec, so a parent
     grown by building models would show up as the peak of every measurement process it starts.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_check_equal_child, args=(name, queue))
-    proc.start()
-    rel = queue.get()
-    proc.join()
-    return rel
+    return in_fresh_process(_check_equal_child, name)
 
 
 def _profile_litv2(name: str = "litv2_s", batch: int = 8) -> list[tuple[str, float]]:

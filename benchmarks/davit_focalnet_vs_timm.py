@@ -22,7 +22,6 @@ if not __package__:  # run as a file, `benchmarks` and `tests` would not import
     raise SystemExit("run from the repository root as: python -m benchmarks.davit_focalnet_vs_timm [args]")
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._harness import write_section
+from benchmarks._harness import in_fresh_process, write_section
 
 PAIRS = {
     "davit_t": ("zoo_davit_t", "davit_tiny"),
@@ -126,16 +125,6 @@ def _peak_child(key: str, impl: str, mode: str, batch: int, threads: int, queue)
     queue.put(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 0.0))
 
 
-def _in_child(target, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def _profile_rows(key: str, batch: int) -> list[str]:
     """Inference, one thread: the largest self-CPU-time ops of each model, in ms."""
     torch.set_num_threads(1)
@@ -171,13 +160,16 @@ def main() -> None:
 
     rows = []
     for key in args.models:
-        rel = _in_child(_check_child, key)
+        rel = in_fresh_process(_check_child, key)
         if rel > 1e-5:
             raise SystemExit(f"{key}: zoo and timm logits differ (relative {rel:.1e}) with the same weights")
         for mode in args.modes:
-            wall = _in_child(_interleaved_child, key, mode, args.batch, args.threads, args.rounds, False)
-            cpu = _in_child(_interleaved_child, key, mode, args.batch, 1, args.cpu_rounds, True)
-            peak = {impl: _in_child(_peak_child, key, impl, mode, args.batch, args.threads) for impl in ("timm", "zoo")}
+            wall = in_fresh_process(_interleaved_child, key, mode, args.batch, args.threads, args.rounds, False)
+            cpu = in_fresh_process(_interleaved_child, key, mode, args.batch, 1, args.cpu_rounds, True)
+            peak = {
+                impl: in_fresh_process(_peak_child, key, impl, mode, args.batch, args.threads)
+                for impl in ("timm", "zoo")
+            }
             ips = {impl: args.batch / statistics.median(t) for impl, t in wall.items()}
             wall_ratio = statistics.median(t / z for t, z in zip(wall["timm"], wall["zoo"], strict=True))
             cpu_ratio = min(cpu["timm"]) / min(cpu["zoo"])
