@@ -560,10 +560,11 @@ def _flex(
     # One level of whole blocks (BiFormer's regions) passes K and V as they are, strided head views included: the
     # compiled kernel reads them in place, and the copy cost more than it saved (BiFormer-B's first-stage BRA layer
     # 41.4 -> 37.7 ms, 2 threads).
-    k_pyr = _cat([_pad_tokens(pool_groups(k, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
-                  for p in range(top)], 2)  # fmt: skip
-    v_pyr = _cat([_pad_tokens(pool_groups(v, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
-                  for p in range(top)], 2)  # fmt: skip
+    k_pyr, v_pyr = (
+        _cat([_pad_tokens(pool_groups(x, block_k, p), _cdiv(mk * _cdiv(block_k, 1 << p), block_k) * block_k)
+              for p in range(top)], 2)
+        for x in (k, v)
+    )  # fmt: skip
     sentinel = k_pyr.shape[2]
     if merge is not None:  # one more key block holding the sentinel slot, one more value column
         k_pyr = _pad_tokens(k_pyr, sentinel + block_k)
